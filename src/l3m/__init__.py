@@ -1,0 +1,19 @@
+"""l3m: constrained fine-tuning of LLMs with log barriers (L3Ms, Lagrange Large Language Models)."""
+
+from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+from l3m.constraints import Constraint
+from l3m.errors import L3MConfigError, L3MDataError, L3MError
+from l3m.trainer import L3MTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Constraint",
+    "L3MConfig",
+    "L3MConfigError",
+    "L3MDataError",
+    "L3MError",
+    "L3MTrainer",
+    "ModelConfig",
+    "ScriptArguments",
+]

@@ -1,0 +1,173 @@
+"""Configuration dataclasses: the trainer's :class:`L3MConfig`, and the CLI's data and model arguments.
+
+YAML keys equal the field names; ``l3m train --config run.yaml --key value`` overrides a file's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from l3m.constraints import parse_constraints
+from l3m.errors import L3MConfigError
+
+
+@dataclass
+class L3MConfig(TrainingArguments):
+    r"""Configuration of :class:`l3m.L3MTrainer`: `transformers.TrainingArguments` plus the solver's fields.
+
+    > Constraints and the log barrier (Sec. 5 of the L3M paper)
+
+    constraints (`list[dict]`, *optional*): records ``{name, reward, min, max}``; a range expands into two
+        constraints. Empty means plain SFT.
+    mu_init (`float`, defaults to `1.0`) / mu_final (`float`, defaults to `1e-6`): the barrier parameter decays
+        exponentially from ``mu_init`` to ``mu_final`` over the planned optimizer steps (App. A).
+    ema_smoothing (`float`, defaults to `0.1`): weight of a new estimate in the EMA of each constraint value.
+    objective_step_probability (`float`, defaults to `0.5`): probability that an optimizer step is an objective
+        step rather than a constraint step (the fair coin of Sec. 5.4).
+    reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12.
+
+    > Sampling for constraint steps (App. A: top-p 0.9)
+
+    num_generations, max_completion_length, temperature, top_p, top_k.
+
+    > Data
+
+    max_length (`int`, defaults to `512`): examples whose prompt plus response exceed it are dropped (App. A).
+
+    NOTE: defaults that differ from `TrainingArguments`: ``learning_rate=1e-5``, ``lr_scheduler_type="cosine"``,
+    ``weight_decay=0.1`` (App. A), ``logging_steps=10``, ``remove_unused_columns=False`` (the trainer needs its
+    prompt columns), ``save_strategy="no"``.
+    """
+
+    constraints: list[dict] | str | None = field(
+        default=None,
+        metadata={"help": "Constraint records, e.g. [{name: length, reward: length_tokens, min: 20, max: 40}]. "
+                          "On the command line: a YAML/JSON string. Empty means plain SFT."},
+    )
+    mu_init: float = field(default=1.0, metadata={"help": "Initial log-barrier parameter mu (App. A: 1)."})
+    mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter mu (App. A: 1e-6)."})
+    ema_smoothing: float = field(
+        default=0.1, metadata={"help": "Weight of the newest estimate in the EMA of each constraint value (Sec. 5.4)."}
+    )
+    objective_step_probability: float = field(
+        default=0.5,
+        metadata={"help": "Probability that an optimizer step is an objective (SFT) step; otherwise it is a "
+                          "constraint step. 0.5 is the paper's fair coin (Sec. 5.4)."},
+    )
+    reinforce_baseline: str = field(
+        default="leave_one_out",
+        metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
+                          "of the other samples of the step; unbiased, lower variance) or 'none' (the paper's plain "
+                          "Monte-Carlo average)."},
+    )
+    num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt in a constraint step."})
+    max_completion_length: int = field(
+        default=64, metadata={"help": "Maximum new tokens per sampled response (max_new_tokens)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only)."})
+    max_length: int = field(
+        default=512, metadata={"help": "Examples whose prompt plus response exceed this many tokens are dropped."}
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate for the optimizer."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (App. A: cosine)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "Weight decay (App. A: 0.1)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the trainer reads its own prompt/completion columns."}
+    )
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy: 'no', 'steps' or 'epoch'."})
+
+    def __post_init__(self):
+        if isinstance(self.constraints, str):
+            try:
+                self.constraints = yaml.safe_load(self.constraints)
+            except yaml.YAMLError as err:
+                raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
+        self.parsed_constraints = parse_constraints(self.constraints)
+        _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
+        _check(0 < self.mu_final < self.mu_init, "mu_final",
+               f"must be in (0, mu_init={self.mu_init}) so that mu decays, got {self.mu_final}")
+        _check(0 < self.ema_smoothing <= 1, "ema_smoothing", f"must be in (0, 1], got {self.ema_smoothing}")
+        _check(0 <= self.objective_step_probability <= 1, "objective_step_probability",
+               f"must be in [0, 1], got {self.objective_step_probability}")
+        _check(self.reinforce_baseline in ("leave_one_out", "none"), "reinforce_baseline",
+               f"must be 'leave_one_out' or 'none', got {self.reinforce_baseline!r}")
+        _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
+        _check(self.max_completion_length >= 1, "max_completion_length",
+               f"must be >= 1, got {self.max_completion_length}")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _check(self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
+        _check(not self.remove_unused_columns, "remove_unused_columns",
+               "must be False: the trainer needs its prompt and completion columns")
+        super().__post_init__()
+
+
+@dataclass
+class ScriptArguments:
+    """Where the task data comes from (used by ``l3m train`` and ``l3m eval``)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A hub dataset name, or a local .json/.jsonl/.parquet file or a folder of them, with "
+                          "'messages' or 'prompt'/'completion' columns."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_validation_split: str = field(default="validation", metadata={"help": "Split for validation."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split for `l3m eval`."})
+    validation_size: float = field(
+        default=0.05,
+        metadata={"help": "When the source has no validation split: fraction (< 1) or count of examples held out."},
+    )
+    test_size: float = field(
+        default=0.05, metadata={"help": "When the source has no test split: fraction (< 1) or count held out."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples (after splitting)."}
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune, and how (dtype, LoRA through peft)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Modules to adapt: 'all-linear' or a comma-separated list."}
+    )
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise L3MConfigError(f"{name}: {message}")
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Read a run's YAML file into a mapping of field names to values."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError as err:
+        raise L3MConfigError(f"--config: no such file {path!r}") from err
+    except yaml.YAMLError as err:
+        raise L3MConfigError(f"--config: {path} is not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise L3MConfigError(f"--config: {path} must hold a mapping of field names to values")
+    return data

@@ -1,0 +1,209 @@
+"""Task data: loading, splitting, rendering with the chat template, tokenizing, and collating.
+
+Two input formats (TRL's): ``messages`` conversations, where one random assistant turn is the response and the
+dialogue before it is the prompt (App. A, UltraChat style), and ``prompt``/``completion`` pairs (strings, or
+lists of messages). Each example becomes ``prompt_ids`` and ``completion_ids``; the completion ends with the
+end-of-turn (EOS) token so that the model learns to stop.
+
+Shapes: B examples, P prompt tokens (left padded), T prompt + completion tokens (right padded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from l3m.errors import L3MDataError
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_task_splits(
+    dataset_name: str,
+    dataset_config: str | None = None,
+    splits: tuple[str, str, str] = ("train", "validation", "test"),
+    validation_size: float = 0.05,
+    test_size: float = 0.05,
+    seed: int = 42,
+) -> DatasetDict:
+    """Load task data from the hub or local JSON/JSONL/Parquet files into ``train``/``validation``/``test``.
+
+    Splits the source lacks are carved out of its train split with ``seed``, so they are the same on every run.
+    """
+    raw = _load_raw(dataset_name, dataset_config)
+    train_name, validation_name, test_name = splits
+    if train_name not in raw:
+        raise L3MDataError(f"dataset_train_split: {dataset_name!r} has no split {train_name!r} (it has {list(raw)})")
+    train = raw[train_name]
+    out = {}
+    for key, name, size in (("test", test_name, test_size), ("validation", validation_name, validation_size)):
+        if name in raw:
+            out[key] = raw[name]
+            continue
+        if len(train) < 3:
+            raise L3MDataError(f"dataset_name: {dataset_name!r} has {len(train)} examples; too few to split off {key}")
+        count = size if size >= 1 else max(1, round(size * len(train)))
+        parts = train.train_test_split(test_size=int(count), seed=seed, shuffle=True)
+        train, out[key] = parts["train"], parts["test"]
+    out["train"] = train
+    for key, split in out.items():
+        if len(split) == 0:
+            raise L3MDataError(f"dataset_name: the {key} split of {dataset_name!r} is empty")
+    return DatasetDict(out)
+
+
+def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
+    if os.path.exists(dataset_name):
+        if os.path.isdir(dataset_name):
+            files = sorted(os.path.join(dataset_name, f) for f in os.listdir(dataset_name))
+            files = [f for f in files if os.path.splitext(f)[1] in _LOCAL_BUILDERS]
+            if not files:
+                raise L3MDataError(f"dataset_name: folder {dataset_name!r} holds no .json/.jsonl/.parquet files")
+        else:
+            files = [dataset_name]
+        extensions = {os.path.splitext(f)[1] for f in files}
+        builders = {_LOCAL_BUILDERS.get(ext) for ext in extensions}
+        if None in builders or len(builders) != 1:
+            raise L3MDataError(f"dataset_name: expected .json, .jsonl or .parquet files, got {sorted(extensions)}")
+        try:
+            return load_dataset(builders.pop(), data_files={"train": files})
+        except Exception as err:  # datasets raises many types for malformed files
+            raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err}") from err
+    return load_dataset(dataset_name, dataset_config)
+
+
+def split_conversation(example: dict[str, Any], rng: random.Random) -> tuple[list[dict], dict]:
+    """Pick one assistant turn at random: the dialogue before it is the prompt, the turn is the response."""
+    messages = example["messages"]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not turns:
+        raise L3MDataError("messages: a conversation has no assistant turn; every example needs at least one")
+    t = rng.choice(turns)
+    if t == 0:
+        raise L3MDataError("messages: a conversation starts with an assistant turn; it needs a user turn first")
+    return messages[:t], messages[t]
+
+
+def render_example(example: dict[str, Any], tokenizer, rng: random.Random) -> tuple[str, str, str]:
+    """Render one example as ``(prompt_text, completion_text, response_only_text)`` with the chat template."""
+    if "messages" in example and example["messages"] is not None:
+        prompt_messages, response = split_conversation(example, rng)
+    elif "prompt" in example and "completion" in example:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt, completion, completion
+        prompt_messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        response = completion[0] if isinstance(completion, list) else {"role": "assistant", "content": completion}
+    else:
+        raise L3MDataError(
+            f"dataset: an example has columns {sorted(example)}; expected 'messages' or 'prompt' and 'completion'"
+        )
+    if tokenizer.chat_template:
+        prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt_messages + [response], tokenize=False)
+        if full_text.startswith(prompt_text):
+            return prompt_text, full_text[len(prompt_text):], response["content"]
+    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt_messages) + "assistant: "
+    return prompt_text, response["content"], response["content"]
+
+
+def tokenize_example(prompt_text: str, completion_text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the completion; the completion ends at (and includes) its first EOS."""
+    uses_template = bool(tokenizer.chat_template)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not uses_template)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos in completion_ids:
+        completion_ids = completion_ids[: completion_ids.index(eos) + 1]  # drop the template's trailing newline
+    else:
+        completion_ids = completion_ids + [eos]
+    return prompt_ids, completion_ids
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42, name: str = "train") -> Dataset:
+    """Render and tokenize a task split into ``prompt``, ``prompt_ids``, ``completion_ids`` and ``reference``.
+
+    Examples longer than ``max_length`` tokens are dropped and counted; an empty result is an error.
+    """
+    if len(dataset) == 0:
+        raise L3MDataError(f"dataset: the {name} split is empty")
+    columns = set(dataset.column_names)
+    if "messages" not in columns and not {"prompt", "completion"} <= columns:
+        raise L3MDataError(
+            f"dataset: the {name} split has columns {sorted(columns)}; expected 'messages' or 'prompt' and "
+            "'completion' (rename yours with dataset.rename_column)"
+        )
+    if "prompt_ids" in columns and "completion_ids" in columns:
+        return dataset
+
+    def _encode(example, idx):
+        rng = random.Random(seed * 1_000_003 + idx)  # the chosen assistant turn depends only on seed and index
+        prompt_text, completion_text, reference = render_example(example, tokenizer, rng)
+        prompt_ids, completion_ids = tokenize_example(prompt_text, completion_text, tokenizer)
+        return {"prompt": prompt_text, "reference": reference, "prompt_ids": prompt_ids,
+                "completion_ids": completion_ids}
+
+    encoded = dataset.map(_encode, with_indices=True, remove_columns=dataset.column_names,
+                          desc=f"Tokenizing {name}")
+    kept = encoded.filter(lambda ex: len(ex["prompt_ids"]) + len(ex["completion_ids"]) <= max_length,
+                          desc=f"Filtering {name} to max_length")
+    dropped = len(encoded) - len(kept)
+    if dropped:
+        logger.warning("%s: dropped %d of %d examples longer than max_length=%d", name, dropped, len(encoded),
+                       max_length)
+    if len(kept) == 0:
+        raise L3MDataError(f"max_length: all {len(encoded)} {name} examples exceed {max_length} tokens; raise it")
+    return kept
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, P)`` ids and attention mask, padded on the left (for generation)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+class CompletionCollator:
+    """Collate tokenized examples for both step kinds.
+
+    Returns ``input_ids``/``attention_mask`` ``(B, T)`` (right padded prompt + completion), ``labels`` with
+    ``-100`` on prompt and padding (the objective's response-only mask), and left-padded ``prompt_input_ids`` /
+    ``prompt_attention_mask`` ``(B, P)`` for sampling in constraint steps. Prompt texts are passed through for
+    text-based rewards.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        full = [ex["prompt_ids"] + ex["completion_ids"] for ex in examples]
+        width = max(len(s) for s in full)
+        input_ids = torch.full((len(full), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for i, (ex, seq) in enumerate(zip(examples, full)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            attention_mask[i, : len(seq)] = 1
+            start = len(ex["prompt_ids"])
+            labels[i, start: len(seq)] = torch.tensor(ex["completion_ids"])
+        prompt_input_ids, prompt_attention_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_input_ids": prompt_input_ids,
+            "prompt_attention_mask": prompt_attention_mask,
+            "prompts": [ex.get("prompt", "") for ex in examples],
+        }

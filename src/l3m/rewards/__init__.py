@@ -1,0 +1,75 @@
+"""Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **kwargs) -> list[float]``.
+
+A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``), a
+``module:function`` reference to any callable with that signature, or is the callable itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from l3m.errors import L3MConfigError
+
+RewardFunc = Callable[..., list[float]]
+
+
+def length_tokens(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Response length in tokens (the end-of-turn token not counted), the reward of Sec. 6.2.
+
+    >>> length_tokens(["q"], ["a b"], [[5, 6]])
+    [2.0]
+    """
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def length_words(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Response length in whitespace-separated words.
+
+    >>> length_words(["q"], ["two words"], [[1, 2, 3]])
+    [2.0]
+    """
+    return [float(len(text.split())) for text in completions]
+
+
+def length_chars(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Response length in characters.
+
+    >>> length_chars(["q"], ["abc"], [[1]])
+    [3.0]
+    """
+    return [float(len(text)) for text in completions]
+
+
+REWARD_REGISTRY: dict[str, RewardFunc] = {
+    "length_tokens": length_tokens,
+    "length_words": length_words,
+    "length_chars": length_chars,
+}
+
+
+def resolve_reward(reward: str | RewardFunc, field: str = "reward") -> RewardFunc:
+    """Turn a reward reference into a callable: a registry name, ``module:function``, or a callable.
+
+    Code is imported only from an explicit ``module:function`` reference given by the user.
+    """
+    if callable(reward):
+        return reward
+    if not isinstance(reward, str) or not reward:
+        raise L3MConfigError(f"{field}: expected a reward name or 'module:function', got {reward!r}")
+    if reward in REWARD_REGISTRY:
+        return REWARD_REGISTRY[reward]
+    if ":" not in reward:
+        known = ", ".join(sorted(REWARD_REGISTRY))
+        raise L3MConfigError(
+            f"{field}: unknown reward {reward!r}; use one of {known} or a 'module:function' reference"
+        )
+    module_name, _, func_name = reward.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise L3MConfigError(f"{field}: cannot import module {module_name!r} of {reward!r} ({err})") from err
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise L3MConfigError(f"{field}: {module_name!r} has no callable named {func_name!r}")
+    return func

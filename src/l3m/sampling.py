@@ -1,0 +1,121 @@
+"""Sampling responses from the policy, and length-normalized response log-likelihoods.
+
+Shapes: B prompts, G samples per prompt, N = B*G responses, P prompt tokens (left padded), L completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+
+@dataclass
+class Completions:
+    """Sampled responses: ``sequences`` ``(N, P+L)`` = left-padded prompt then completion; masks mark real tokens."""
+
+    sequences: torch.Tensor
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_mask: torch.Tensor  # (N, L): completion tokens up to and including the first EOS
+    completion_ids: list[list[int]]  # per response, without the EOS
+    truncated: torch.Tensor  # (N,) True where no EOS was produced within max_new_tokens
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    stop_ids: list[int],
+    pad_token_id: int,
+    num_generations: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    top_k: int = 0,
+) -> Completions:
+    """Sample ``num_generations`` responses per prompt with ``model.generate`` (KV cache, top-p).
+
+    The model is put in eval mode while generating (gradient checkpointing is a training-mode feature and
+    would disable the KV cache), and its previous mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+        config = GenerationConfig(
+            do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k if top_k > 0 else None, eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=True,
+        )
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    completion = sequences[:, prompt_ids.shape[1]:]
+    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
+    has_stop = is_stop.any(dim=1)
+    # index of the first stop token, or L when there is none
+    first_stop = torch.where(has_stop, is_stop.int().argmax(dim=1), torch.full_like(has_stop, completion.shape[1],
+                                                                                       dtype=torch.long))
+    positions = torch.arange(completion.shape[1], device=completion.device).unsqueeze(0)
+    completion_mask = (positions <= first_stop.unsqueeze(1)).long()
+    completion_ids = [row[: int(n)].tolist() for row, n in zip(completion, first_stop)]
+    return Completions(sequences, prompt_mask, completion_mask, completion_ids, ~has_stop)
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logits: int) -> torch.Tensor:
+    """Log-probabilities ``(N, num_logits)`` of the last ``num_logits`` tokens of each row given what precedes them.
+
+    Position ids follow the attention mask, so left-padded rows are handled like unpadded ones.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # only the lm_head rows that predict the last tokens are computed (logits_to_keep)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, logits_to_keep=num_logits + 1).logits
+    logits = logits[:, :-1].float()  # (N, num_logits, V)
+    targets = input_ids[:, -num_logits:]
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def length_normalized_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r"""Per-sequence mean token log-likelihood :math:`\frac{1}{|y|}\log\pi_\theta(y|x)` (Sec. 5.4), shape ``(N,)``.
+
+    >>> length_normalized_logps(torch.tensor([[-1.0, -3.0, -9.0]]), torch.tensor([[1, 1, 0]])).tolist()
+    [-2.0]
+    """
+    mask = mask.to(token_logps.dtype)
+    return (token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def completion_logps(model, completions: Completions) -> torch.Tensor:
+    """Length-normalized log-likelihoods ``(N,)`` of sampled responses under ``model`` (differentiable)."""
+    num_logits = completions.completion_mask.shape[1]
+    logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits)
+    return length_normalized_logps(logps, completions.completion_mask)
+
+
+def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Length-normalized NLL :math:`l_\theta(y|x)` of the response tokens (``labels != -100``), shape ``(B,)``.
+
+    This is the per-example objective of Eq. (1)/(3); prompt and padding tokens are masked out.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return -length_normalized_logps(-nll, mask)

@@ -1,0 +1,246 @@
+"""``L3MTrainer``: the one place that sequences an L3M optimizer step (Sec. 5 of the L3M paper).
+
+Each optimizer step flips a seeded coin (Sec. 5.4). An *objective step* takes a gradient step on the task objective
+``L`` (length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
+scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the log-barrier multipliers (Eq. 11,
+Sec. 5.2). The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no
+constraints every step is an objective step: plain SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from l3m.config import L3MConfig
+from l3m.constraints import Constraint, compute_rewards, parse_constraints, violations
+from l3m.data import CompletionCollator, prepare_dataset
+from l3m.errors import L3MConfigError
+from l3m.multipliers import LogBarrierMultipliers
+from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
+
+logger = logging.getLogger(__name__)
+
+SOLVER_STATE_NAME = "l3m_state.json"
+
+
+def is_constraint_step(seed: int, step: int, objective_step_probability: float = 0.5) -> bool:
+    """The coin of Sec. 5.4 for optimizer step ``step``.
+
+    It is a pure function of ``(seed, step)``: identical across gradient-accumulation micro-batches and processes,
+    reproducible, and restored by a resumed run without any saved RNG state.
+    """
+    return random.Random(f"l3m-coin-{seed}-{step}").random() >= objective_step_probability
+
+
+class L3MTrainer(Trainer):
+    """Fine-tune a causal LM on task data subject to reward constraints, with the L3M log barrier.
+
+    Args:
+        model: a `PreTrainedModel` or a model id / folder for ``AutoModelForCausalLM.from_pretrained``.
+        args: an :class:`l3m.L3MConfig`.
+        train_dataset / eval_dataset: `datasets.Dataset` with ``messages`` or ``prompt``/``completion`` columns.
+        processing_class: the tokenizer; loaded from the model's folder when omitted.
+        constraints: :class:`l3m.Constraint` s or records; defaults to ``args.constraints``.
+        peft_config: a `peft.PeftConfig` to train an adapter instead of all weights.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: L3MConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        constraints: list[Constraint | dict] | None = None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args if args is not None else L3MConfig(output_dir="l3m-output")
+        if not isinstance(args, L3MConfig):
+            raise L3MConfigError("args: expected an l3m.L3MConfig (it carries the solver's fields)")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            try:
+                from peft import get_peft_model
+            except ImportError as err:
+                raise L3MConfigError("peft_config: install peft (pip install 'l3m[peft]') to train adapters") from err
+            model = get_peft_model(model, peft_config)
+        if train_dataset is None:
+            raise L3MConfigError("train_dataset: required (a datasets.Dataset of task data)")
+
+        self.constraints = parse_constraints(constraints) if constraints is not None else args.parsed_constraints
+        self.bounds = [bound for c in self.constraints for bound in c.bounds()]
+        train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.seed, "train")
+        if eval_dataset is not None:
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.seed, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=CompletionCollator(processing_class.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
+        self.stop_ids = eos_ids(processing_class, model)
+        self.multipliers = LogBarrierMultipliers(args.mu_init, args.mu_final, args.ema_smoothing)
+        self._constraint_step = False
+        self._pending_estimates: list[torch.Tensor] = []
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # Overridden to flip the coin once per optimizer step, and to fold the step's constraint estimate into the
+    # EMA only at the optimizer-step boundary (after the last gradient-accumulation micro-batch).
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step
+        self._constraint_step = bool(self.bounds) and is_constraint_step(
+            self.args.seed, step, self.args.objective_step_probability
+        )
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._metrics["step/constraint"].append(float(self._constraint_step))
+            if self.bounds:
+                self._metrics["barrier/mu"].append(self.multipliers.mu(step, self.state.max_steps))
+            if self._pending_estimates:
+                self.multipliers.update_(torch.stack(self._pending_estimates).mean(dim=0))
+                self._pending_estimates.clear()
+        return loss
+
+    # Overridden because the loss depends on the step kind; the inputs carry no model loss.
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self._constraint_step:
+            loss = self._constraint_loss(model, inputs)
+        else:
+            loss = self._objective_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def _objective_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """Eq. (1)/(3): the batch mean of the length-normalized NLL of the response tokens."""
+        nll = response_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        loss = nll.mean()
+        if model.training:
+            self._metrics["objective/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        return loss
+
+    def _constraint_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """Eq. (11)-(12): REINFORCE on ``sum_i multiplier_i * C_i`` over responses sampled from the current policy."""
+        args = self.args
+        completions = sample_completions(
+            self.accelerator.unwrap_model(model),
+            inputs["prompt_input_ids"],
+            inputs["prompt_attention_mask"],
+            stop_ids=self.stop_ids,
+            pad_token_id=self.processing_class.pad_token_id,
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_completion_length,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+        )
+        prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
+        texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
+        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids)
+        local_violations = violations(self.bounds, rewards).to(completions.sequences.device)  # (N, K)
+
+        # The estimate that drives the multipliers is reduced across processes first.
+        all_violations = self.accelerator.gather(local_violations)
+        estimate = all_violations.mean(dim=0)
+        multipliers = self.multipliers.multipliers(self.state.global_step, self.state.max_steps, estimate)
+        self._pending_estimates.append(estimate.detach().cpu())
+
+        advantages = constraint_advantages(local_violations, multipliers.to(local_violations.device),
+                                           args.reinforce_baseline)
+        loss = reinforce_loss(advantages, completion_logps(model, completions))
+
+        lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32,
+                               device=local_violations.device)
+        self._metrics["completions/mean_length"].append(self.accelerator.gather(lengths).mean().item())
+        self._metrics["completions/truncated_frac"].append(
+            self.accelerator.gather(completions.truncated.float()).mean().item())
+        for i, bound in enumerate(self.bounds):
+            self._metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
+            self._metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
+            self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(
+                (all_violations[:, i] <= 0).float().mean().item())
+        for name, values in rewards.items():
+            gathered = self.accelerator.gather(values.to(local_violations.device))
+            self._metrics[f"rewards/{name}/mean"].append(gathered.mean().item())
+        return loss
+
+    # Overridden so that evaluation reports the task objective (the inputs carry no model-computed loss).
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self._objective_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # Overridden to add the buffered solver metrics (averaged over the logging interval) to the Trainer's logs.
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            if self.multipliers.ema is not None:
+                for bound, value in zip(self.bounds, self.multipliers.ema.tolist()):
+                    logs[f"constraints/{bound.name}/ema"] = value
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def solver_state(self) -> dict:
+        """Everything the solver changes during training, saved beside each checkpoint."""
+        return {
+            "multipliers": self.multipliers.state_dict(),
+            "global_step": self.state.global_step,
+            "constraints": [b.name for b in self.bounds],
+            "coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability},
+        }
+
+    # Overridden (private hook) to write the solver state into the checkpoint folder *before* the Trainer writes
+    # its own files and rotates old checkpoints, so that a complete checkpoint always includes it.
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, SOLVER_STATE_NAME), "w", encoding="utf-8") as f:
+                json.dump(self.solver_state(), f, indent=2)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Train; ``resume_from_checkpoint`` (a folder, or True for the last one) also restores the solver state."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise L3MConfigError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self._load_solver_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_solver_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, SOLVER_STATE_NAME)
+        if not self.bounds:
+            return
+        if not os.path.exists(path):
+            raise L3MConfigError(f"resume_from_checkpoint: {checkpoint} has no {SOLVER_STATE_NAME}; it is not an "
+                                 "l3m checkpoint")
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state["constraints"] != [b.name for b in self.bounds]:
+            raise L3MConfigError(f"constraints: the checkpoint was trained with {state['constraints']}, not "
+                                 f"{[b.name for b in self.bounds]}")
+        self.multipliers.load_state_dict(state["multipliers"])
