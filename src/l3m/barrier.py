@@ -51,7 +51,7 @@ def implied_multipliers(constraint_values: torch.Tensor, mu: float) -> torch.Ten
         constraint_values: ``(K,)`` estimates of :math:`C_i` (the EMA of Sec. 5.4 in training).
         mu: the barrier parameter.
 
-    >>> implied_multipliers(torch.tensor([3.0, -0.5]), mu=0.1).tolist()  # 1/(2*0.1); 0.1/(2*0.5)
+    >>> implied_multipliers(torch.tensor([3.0, -0.5], dtype=torch.float64), mu=0.1).tolist()  # 1/(2*0.1); 0.1/(2*0.5)
     [5.0, 0.1]
     """
     k = constraint_values.numel()

@@ -123,9 +123,12 @@ def compute_rewards(
     for constraint in constraints:
         values = constraint.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids)
         where = f"constraints[{constraint.name}].reward"
-        if values is None or len(values) != n:
-            got = "None" if values is None else f"{len(values)} values"
-            raise L3MConfigError(f"{where}: the reward function returned {got} for {n} completions")
+        if values is None or not hasattr(values, "__len__") or len(values) != n:
+            got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
+            raise L3MConfigError(f"{where}: the reward function returned {got}; expected a list of {n} numbers")
+        bad = [v for v in values if isinstance(v, (str, bytes, bool)) or v is None]
+        if bad:
+            raise L3MConfigError(f"{where}: the reward function returned a non-number ({bad[0]!r})")
         try:
             tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as err:

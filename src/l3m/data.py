@@ -47,10 +47,13 @@ def load_task_splits(
         if name in raw:
             out[key] = raw[name]
             continue
-        if len(train) < 3:
-            raise L3MDataError(f"dataset_name: {dataset_name!r} has {len(train)} examples; too few to split off {key}")
-        count = size if size >= 1 else max(1, round(size * len(train)))
-        parts = train.train_test_split(test_size=int(count), seed=seed, shuffle=True)
+        count = int(size) if size >= 1 else max(1, round(size * len(train)))
+        if size <= 0 or count >= len(train):
+            raise L3MDataError(
+                f"{key}_size: cannot hold out {size:g} of the {len(train)} remaining training examples of "
+                f"{dataset_name!r} for {key}; use a fraction in (0, 1) or a smaller count"
+            )
+        parts = train.train_test_split(test_size=count, seed=seed, shuffle=True)
         train, out[key] = parts["train"], parts["test"]
     out["train"] = train
     for key, split in out.items():

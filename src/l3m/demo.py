@@ -1,0 +1,152 @@
+"""``l3m demo``: the paper's Fig. 2 experiment, small and offline, on the embedded default.
+
+It fine-tunes SmolLM2-135M-Instruct on the chatterbot-corpus dialogues three ways under one step budget: plain SFT,
+an L3M whose responses must be shorter than SFT's, and one whose responses must be longer. Then it evaluates all
+three on a held-out test split and prints response length (mean ± std, fraction inside the range) and task
+log-perplexity (mean ± std), and writes the Fig. 2 style PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from l3m.assets import demo_data_path, demo_model_path
+from l3m.constraints import Constraint
+from l3m.data import load_task_splits, prepare_dataset
+from l3m.evaluation import evaluate_model
+from l3m.plots import LengthResult, plot_length_figure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoRun:
+    """One model the demo trains: a name and an optional length range in tokens."""
+
+    name: str
+    length_min: float | None = None
+    length_max: float | None = None
+
+    def constraints(self) -> list[Constraint]:
+        if self.length_min is None and self.length_max is None:
+            return []
+        return [Constraint(reward="length_tokens", min=self.length_min, max=self.length_max, name="length")]
+
+
+@dataclass
+class DemoSettings:
+    """The demo's budget. Chatterbot answers are short (median 11 tokens), so SFT answers short; the ranges sit
+    on either side of that."""
+
+    output_dir: str = "outputs/demo"
+    runs: list[DemoRun] = field(default_factory=lambda: [
+        DemoRun("SFT"),
+        DemoRun("L3M [2, 8]", 2, 8),
+        DemoRun("L3M [25, 45]", 25, 45),
+    ])
+    max_steps: int = 40
+    per_device_train_batch_size: int = 8
+    learning_rate: float = 2e-5
+    num_generations: int = 4
+    max_completion_length: int = 48
+    ema_smoothing: float = 0.1
+    test_size: int = 48
+    eval_max_new_tokens: int = 64
+    seed: int = 0
+
+
+def run_demo(settings: DemoSettings) -> list[dict]:
+    """Train and evaluate every run of ``settings``; returns one result record per run and writes them as JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from l3m.config import L3MConfig
+    from l3m.trainer import L3MTrainer
+
+    started = time.time()
+    model_path = demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    splits = load_task_splits(demo_data_path(), test_size=settings.test_size, validation_size=settings.test_size,
+                              seed=settings.seed)
+    test = prepare_dataset(splits["test"], tokenizer, max_length=512, seed=settings.seed, name="test")
+    os.makedirs(settings.output_dir, exist_ok=True)
+    records = []
+    for index, run in enumerate(settings.runs, start=1):
+        print(f"\n[{index}/{len(settings.runs)}] {run.name}: training {settings.max_steps} steps", flush=True)
+        run_dir = os.path.join(settings.output_dir, _slug(run.name))
+        torch.manual_seed(settings.seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        args = L3MConfig(
+            output_dir=run_dir,
+            max_steps=settings.max_steps,
+            per_device_train_batch_size=settings.per_device_train_batch_size,
+            learning_rate=settings.learning_rate,
+            num_generations=settings.num_generations,
+            max_completion_length=settings.max_completion_length,
+            ema_smoothing=settings.ema_smoothing,
+            warmup_steps=0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=settings.seed,
+        )
+        trainer = L3MTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
+                             constraints=run.constraints())
+        run_started = time.time()
+        trainer.train()
+        train_seconds = time.time() - run_started
+        trainer.save_model(run_dir)
+        print(f"[{index}/{len(settings.runs)}] {run.name}: evaluating on {len(test)} held-out prompts", flush=True)
+        result = evaluate_model(trainer.model, tokenizer, test, constraints=run.constraints() or _length_probe(),
+                                max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.test_size,
+                                seed=settings.seed, description=f"Evaluating {run.name}")
+        records.append({"run": asdict(run), "train_seconds": train_seconds, **result})
+        del trainer, model
+
+    results_path = os.path.join(settings.output_dir, "results.json")
+    with open(results_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"settings": asdict(settings), "runs": records}, f, indent=2)
+    os.replace(results_path + ".tmp", results_path)
+    figure = plot_length_figure([
+        LengthResult(r["run"]["name"], r["lengths"], r["summary"]["log_ppl_mean"], r["summary"]["log_ppl_std"],
+                     (r["run"]["length_min"], r["run"]["length_max"]))
+        for r in records
+    ], os.path.join(settings.output_dir, "fig2_lengths.png"))
+    print("\n" + format_table(records))
+    print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
+    return records
+
+
+def _length_probe() -> list[Constraint]:
+    """An unconstrained model is still scored for length (a range that every length satisfies)."""
+    return [Constraint(reward="length_tokens", min=0, name="length")]
+
+
+def format_table(records: list[dict]) -> str:
+    """The demo's table: one row per model, as in Fig. 2 of the paper."""
+    header = (f"{'model':<16} {'range':>10} {'length mean ± std':>18} {'mean in range':>14} "
+              f"{'samples in range':>17} {'task log-ppl mean ± std':>24} {'train s':>8}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        s, run = r["summary"], r["run"]
+        constrained = run["length_min"] is not None or run["length_max"] is not None
+        span = f"[{_fmt(run['length_min'])}, {_fmt(run['length_max'])}]" if constrained else "-"
+        in_range = ("yes" if s["length/satisfied"] else "NO") if constrained else "-"
+        inside = f"{100 * s['length/inside_frac']:.0f}%" if constrained else "-"
+        lines.append(f"{run['name']:<16} {span:>10} {s['length_mean']:>9.1f} ± {s['length_std']:<6.1f} "
+                     f"{in_range:>14} {inside:>17} {s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} "
+                     f"{r['train_seconds']:>8.0f}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")

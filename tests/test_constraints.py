@@ -1,0 +1,284 @@
+"""Constraints, their one-sided bounds and violations (Eq. 4/5, Sec. 6.2), reward references and reward checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from l3m.constraints import Bound, Constraint, compute_rewards, parse_constraints, violations
+from l3m.errors import L3MConfigError
+from l3m.rewards import REWARD_REGISTRY, length_chars, length_tokens, length_words, resolve_reward
+
+# ----------------------------------------------------------------------------------------------------------------
+# bounds and violations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_range_expands_into_min_and_max_bounds():
+    (c,) = parse_constraints([{"name": "length", "reward": "length_words", "min": 3, "max": 8}])
+    bounds = c.bounds()
+    assert [b.name for b in bounds] == ["length/min", "length/max"]
+    assert all(isinstance(b, Bound) and b.constraint is c for b in bounds)
+    rewards = {"length": torch.tensor([1.0, 3.0, 5.0, 8.0, 12.0])}
+    got = violations(bounds, rewards)
+    assert got.shape == (5, 2)
+    # min side: b - r = 3 - r; max side: r - max = r - 8
+    torch.testing.assert_close(got[:, 0], torch.tensor([2.0, 0.0, -2.0, -5.0, -9.0]))
+    torch.testing.assert_close(got[:, 1], torch.tensor([-7.0, -5.0, -3.0, 0.0, 4.0]))
+    # satisfied (<= 0) on both sides exactly for rewards inside [3, 8]
+    inside = (got <= 0).all(dim=1)
+    assert inside.tolist() == [False, True, True, True, False]
+    assert [c.is_satisfied_by(r) for r in rewards["length"].tolist()] == inside.tolist()
+
+
+def test_single_sided_constraints_keep_their_name():
+    lo, hi = parse_constraints([
+        {"name": "long_enough", "reward": "length_words", "min": 4},
+        {"name": "short_enough", "reward": "length_chars", "max": 10.5},
+    ])
+    assert [b.name for b in lo.bounds()] == ["long_enough"]
+    assert [b.name for b in hi.bounds()] == ["short_enough"]
+    rewards = {"long_enough": torch.tensor([2.0, 6.0]), "short_enough": torch.tensor([12.0, 10.0])}
+    got = violations(lo.bounds() + hi.bounds(), rewards)
+    # [4 - 2, 12 - 10.5] and [4 - 6, 10 - 10.5]
+    torch.testing.assert_close(got, torch.tensor([[2.0, 1.5], [-2.0, -0.5]]))
+
+
+def test_name_defaults_to_the_reward_name_and_bounds_are_floats():
+    c = Constraint(reward="length_tokens", min=20, max=40)
+    assert c.name == "length_tokens"
+    assert isinstance(c.min, float) and isinstance(c.max, float)
+    assert [b.name for b in c.bounds()] == ["length_tokens/min", "length_tokens/max"]
+
+    def my_reward(prompts, completions, completion_ids, **kwargs):
+        return [0.0] * len(completions)
+
+    assert Constraint(reward=my_reward, min=0).name == "my_reward"
+
+
+def test_min_equal_to_max_is_allowed():
+    c = Constraint(reward="length_words", min=5, max=5)
+    assert [b.name for b in c.bounds()] == ["length_words/min", "length_words/max"]
+    assert c.is_satisfied_by(5.0) and not c.is_satisfied_by(4.0) and not c.is_satisfied_by(6.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config errors name the field
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_reward_name():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.reward: unknown reward 'nope'") as err:
+        parse_constraints([{"name": "len", "reward": "nope", "min": 1}])
+    assert "length_tokens" in str(err.value)  # lists the known ones
+    with pytest.raises(L3MConfigError, match=r"^constraints\[nope\]\.reward"):
+        Constraint(reward="nope", min=1)
+
+
+def test_min_greater_than_max():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]: min \(50\) > max \(10\)"):
+        parse_constraints([{"name": "len", "reward": "length_words", "min": 50, "max": 10}])
+
+
+def test_neither_min_nor_max():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]: .*'min' or 'max'"):
+        parse_constraints([{"name": "len", "reward": "length_words"}])
+
+
+def test_duplicated_names():
+    with pytest.raises(L3MConfigError, match=r"^constraints: duplicated name\(s\) \['len'\]"):
+        parse_constraints([
+            {"name": "len", "reward": "length_words", "min": 1},
+            {"name": "len", "reward": "length_chars", "max": 100},
+        ])
+    # two constraints on the same reward without names clash on the default name
+    with pytest.raises(L3MConfigError, match=r"duplicated name\(s\) \['length_words'\]"):
+        parse_constraints([{"reward": "length_words", "min": 1}, {"reward": "length_words", "max": 9}])
+    # distinct names make them fine
+    assert len(parse_constraints([{"name": "a", "reward": "length_words", "min": 1},
+                                  {"name": "b", "reward": "length_words", "max": 9}])) == 2
+
+
+def test_unknown_keys_in_a_record():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[1\]: unknown key\(s\) \['maximum'\]"):
+        parse_constraints([{"reward": "length_words", "min": 1}, {"reward": "length_chars", "maximum": 3}])
+
+
+@pytest.mark.parametrize("bad", ["20", {"a": 1}, [1], float("nan"), float("inf"), True])
+def test_non_numeric_min(bad):
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.min: expected a finite number"):
+        parse_constraints([{"name": "len", "reward": "length_words", "min": bad}])
+
+
+def test_non_numeric_max():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.max: expected a finite number"):
+        parse_constraints([{"name": "len", "reward": "length_words", "max": "ten"}])
+
+
+def test_unknown_kind():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.kind: unknown kind 'uniform'"):
+        parse_constraints([{"name": "len", "reward": "length_words", "min": 1, "kind": "uniform"}])
+    assert parse_constraints([{"reward": "length_words", "min": 1, "kind": "expectation"}])[0].kind == "expectation"
+
+
+def test_records_must_be_a_list_of_mappings_with_a_reward():
+    assert parse_constraints(None) == []
+    with pytest.raises(L3MConfigError, match=r"^constraints: expected a list"):
+        parse_constraints({"reward": "length_words", "min": 1})
+    with pytest.raises(L3MConfigError, match=r"^constraints\[0\]: expected a mapping"):
+        parse_constraints(["length_words"])
+    with pytest.raises(L3MConfigError, match=r"^constraints\[0\]: missing 'reward'"):
+        parse_constraints([{"min": 1}])
+
+
+def test_constraint_objects_pass_through():
+    c = Constraint(reward="length_chars", max=3)
+    assert parse_constraints([c]) == [c]
+    assert parse_constraints([c])[0] is c
+
+
+def test_errors_are_value_errors():
+    # callers that catch ValueError (e.g. argument parsers) still see config errors
+    with pytest.raises(ValueError):
+        parse_constraints([{"reward": "length_words"}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reward references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_module_function_reference_resolves():
+    assert resolve_reward("l3m.rewards:length_words") is length_words
+    c = Constraint(reward="l3m.rewards:length_chars", max=3)
+    assert c.reward_func is length_chars
+    assert c.name == "l3m.rewards:length_chars"
+
+
+def test_registry_names_and_callables_resolve():
+    for name, func in REWARD_REGISTRY.items():
+        assert resolve_reward(name) is func
+    assert set(REWARD_REGISTRY) == {"length_tokens", "length_words", "length_chars"}
+    f = lambda prompts, completions, completion_ids, **kw: [1.0] * len(completions)  # noqa: E731
+    assert resolve_reward(f) is f
+
+
+def test_missing_module_gives_a_clear_error():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[x\]\.reward: cannot import module 'no_such_module_l3m'"):
+        Constraint(reward="no_such_module_l3m:score", min=0, name="x")
+
+
+def test_missing_function_gives_a_clear_error():
+    with pytest.raises(L3MConfigError, match=r"^constraints\[x\]\.reward: 'l3m\.rewards' has no callable named 'nope'"):
+        Constraint(reward="l3m.rewards:nope", min=0, name="x")
+    # an attribute that exists but is not callable
+    with pytest.raises(L3MConfigError, match=r"has no callable named 'REWARD_REGISTRY'"):
+        resolve_reward("l3m.rewards:REWARD_REGISTRY", field="reward")
+
+
+@pytest.mark.parametrize("bad", ["", 3, None])
+def test_reward_reference_of_the_wrong_type(bad):
+    with pytest.raises(L3MConfigError, match=r"^my_field: expected a reward name or 'module:function'"):
+        resolve_reward(bad, field="my_field")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compute_rewards
+# ----------------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["q1", "q2"]
+COMPLETIONS = ["one two three", "four"]
+COMPLETION_IDS = [[7, 8, 9, 2], [10, 2]]
+
+
+def _constraint(func, name="bad"):
+    return Constraint(reward=func, min=0.0, name=name)
+
+
+def test_compute_rewards_scores_each_constraint():
+    seen = {}
+
+    def custom(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids)
+        return [len(p) * 10 for p in prompts]  # ints are accepted
+
+    constraints = [Constraint(reward="length_words", min=1, name="words"),
+                   Constraint(reward="length_tokens", max=9, name="tokens"), _constraint(custom, "custom")]
+    got = compute_rewards(constraints, PROMPTS, COMPLETIONS, COMPLETION_IDS)
+    assert list(got) == ["words", "tokens", "custom"]
+    torch.testing.assert_close(got["words"], torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(got["tokens"], torch.tensor([4.0, 2.0]))
+    torch.testing.assert_close(got["custom"], torch.tensor([20.0, 20.0]))
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert seen == {"prompts": PROMPTS, "completions": COMPLETIONS, "completion_ids": COMPLETION_IDS}
+
+
+def test_compute_rewards_rejects_wrong_length():
+    def short(prompts, completions, completion_ids, **kwargs):
+        return [1.0]
+
+    with pytest.raises(L3MConfigError, match=r"^constraints\[bad\]\.reward: the reward function returned 1 values; "
+                                             r"expected a list of 2 numbers"):
+        compute_rewards([_constraint(short)], PROMPTS, COMPLETIONS, COMPLETION_IDS)
+
+
+def test_compute_rewards_rejects_none():
+    def nothing(prompts, completions, completion_ids, **kwargs):
+        return None
+
+    with pytest.raises(L3MConfigError, match=r"^constraints\[bad\]\.reward: the reward function returned None"):
+        compute_rewards([_constraint(nothing)], PROMPTS, COMPLETIONS, COMPLETION_IDS)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_compute_rewards_rejects_nan_and_inf(value):
+    def broken(prompts, completions, completion_ids, **kwargs):
+        return [1.0, value]
+
+    with pytest.raises(L3MConfigError, match=r"^constraints\[bad\]\.reward: the reward function returned NaN or inf"):
+        compute_rewards([_constraint(broken)], PROMPTS, COMPLETIONS, COMPLETION_IDS)
+
+
+@pytest.mark.parametrize("values", [["a", 1.0], [None, 1.0], [[1.0], [2.0]], [{"r": 1}, 2.0]])
+def test_compute_rewards_rejects_non_numbers(values):
+    def broken(prompts, completions, completion_ids, **kwargs):
+        return values
+
+    with pytest.raises(L3MConfigError, match=r"^constraints\[bad\]\.reward: the reward function returned a non-number"):
+        compute_rewards([_constraint(broken)], PROMPTS, COMPLETIONS, COMPLETION_IDS)
+
+
+def test_compute_rewards_accepts_a_tensor():
+    def as_tensor(prompts, completions, completion_ids, **kwargs):
+        return torch.tensor([0.5, -1.5], dtype=torch.float64)
+
+    got = compute_rewards([_constraint(as_tensor, "t")], PROMPTS, COMPLETIONS, COMPLETION_IDS)
+    torch.testing.assert_close(got["t"], torch.tensor([0.5, -1.5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# built-in rewards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_length_tokens():
+    assert length_tokens(["p"] * 3, ["", "a", "b c"], [[], [4], [5, 6, 7]]) == [0.0, 1.0, 3.0]
+
+
+def test_length_words():
+    # whitespace-separated: tabs, newlines and repeated spaces all separate words
+    got = length_words(["p"] * 4, ["", "   ", "one", "  a  b\n c\td  "], [[]] * 4)
+    assert got == [0.0, 0.0, 1.0, 4.0]
+    assert all(isinstance(v, float) for v in got)
+
+
+def test_length_chars():
+    got = length_chars(["p"] * 3, ["", "abc", "a b\n"], [[]] * 3)
+    assert got == [0.0, 3.0, 4.0]
+    assert all(isinstance(v, float) for v in got)
+
+
+def test_builtin_rewards_accept_extra_keyword_arguments():
+    assert length_words(prompts=["p"], completions=["x y"], completion_ids=[[1]], trainer_state=None) == [2.0]
