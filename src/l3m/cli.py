@@ -1,0 +1,212 @@
+"""The ``l3m`` command: ``l3m train | eval | demo``.
+
+``train`` and ``eval`` read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
+:class:`l3m.ModelConfig` from ``--config file.yaml``; ``--field value`` flags override the file (as TRL's CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from l3m.errors import L3MConfigError, L3MError
+
+logger = logging.getLogger("l3m")
+
+
+def _parser_for_configs():
+    from transformers import HfArgumentParser
+
+    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+
+    return HfArgumentParser((ScriptArguments, L3MConfig, ModelConfig))
+
+
+def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
+    """Parse ``--config file.yaml`` plus ``--field value`` overrides.
+
+    Returns ``(script_args, training_args, model_args, extras)``; ``extras`` holds the values of ``extra_keys``.
+    """
+    parser = _parser_for_configs()
+    for key in extra_keys:
+        parser.add_argument(f"--{key}", default=None)
+    parser.add_argument("--config", default=None, help="A YAML file whose keys are field names.")
+    config_path = _config_path(argv)
+    if config_path:
+        from l3m.config import load_yaml_config
+
+        values = load_yaml_config(config_path)
+        known = {action.dest for action in parser._actions} - set(extra_keys) - {"config"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise L3MConfigError(f"--config: unknown field(s) {unknown} in {config_path}; see `l3m train --help`")
+        parser.set_defaults(**values)
+    script_args, training_args, model_args, *rest = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True)
+    remaining = rest.pop()
+    if remaining:
+        raise L3MConfigError(f"unknown argument(s) {remaining}; see `l3m train --help`")
+    extras = vars(rest[0]) if rest else {}
+    return script_args, training_args, model_args, {k: extras.get(k) for k in extra_keys}
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_model_and_tokenizer(model_args, path: str | None = None):
+    """Load the policy and its tokenizer; ``demo`` names the embedded SmolLM2-135M-Instruct."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = path or model_args.model_name_or_path
+    if not name:
+        raise L3MConfigError("model_name_or_path: required (a hub id, a local folder, or 'demo')")
+    if name == "demo":
+        from l3m.assets import demo_model_path
+
+        name = demo_model_path()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if model_args.dtype not in dtypes:
+        raise L3MConfigError(f"dtype: unknown dtype {model_args.dtype!r}; use one of {sorted(dtypes)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtypes[model_args.dtype],
+                                                     trust_remote_code=model_args.trust_remote_code)
+    except OSError as err:
+        raise L3MConfigError(f"model_name_or_path: cannot load {name!r} ({str(err).splitlines()[0]})") from err
+    return model, tokenizer
+
+
+def peft_config_from(model_args):
+    """A LoRA config from the model arguments, or None when ``use_peft`` is off."""
+    if not model_args.use_peft:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError as err:
+        raise L3MConfigError("use_peft: install peft (pip install 'l3m[peft]')") from err
+    targets = model_args.lora_target_modules
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                      task_type="CAUSAL_LM")
+
+
+def _load_splits(script_args, seed: int):
+    from l3m.data import load_task_splits
+
+    if not script_args.dataset_name:
+        raise L3MConfigError("dataset_name: required (a hub dataset, a local .json/.jsonl/.parquet file, or 'demo')")
+    name = script_args.dataset_name
+    if name == "demo":
+        from l3m.assets import demo_data_path
+
+        name = demo_data_path()
+    splits = (script_args.dataset_train_split, script_args.dataset_validation_split, script_args.dataset_test_split)
+    return load_task_splits(name, script_args.dataset_config, splits, script_args.validation_size,
+                            script_args.test_size, seed)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from l3m.trainer import L3MTrainer
+
+    script_args, training_args, model_args, _ = parse_config(argv)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    splits = _load_splits(script_args, training_args.seed)
+    train = splits["train"]
+    if script_args.max_train_samples:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    trainer = L3MTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=splits["validation"] if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_from(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    print(f"Saved the model to {training_args.output_dir}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from l3m.data import prepare_dataset
+    from l3m.evaluation import evaluate_model
+
+    script_args, training_args, model_args, extras = parse_config(argv, extra_keys=("model", "output"))
+    model_dir = extras["model"]
+    if not model_dir:
+        raise L3MConfigError("--model: required (the folder of a saved model)")
+    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
+        model, tokenizer = _load_adapter(model_dir)
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_args, path=model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    splits = _load_splits(script_args, training_args.seed)
+    test = prepare_dataset(splits["test"], tokenizer, training_args.max_length, training_args.seed, "test")
+    result = evaluate_model(model, tokenizer, test, constraints=training_args.parsed_constraints,
+                            max_new_tokens=training_args.max_completion_length,
+                            temperature=training_args.temperature, top_p=training_args.top_p,
+                            batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
+    print(json.dumps(result["summary"], indent=2))
+    output = extras["output"] or os.path.join(model_dir, "eval_results.json")
+    with open(output + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    os.replace(output + ".tmp", output)
+    print(f"Wrote {output}")
+    return 0
+
+
+def _load_adapter(model_dir: str):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    return AutoPeftModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from l3m.demo import DemoSettings, run_demo
+
+    parser = argparse.ArgumentParser(prog="l3m demo", description="Fig. 2 of the L3M paper, offline, on CPU.")
+    defaults = DemoSettings()
+    for f in dataclasses.fields(DemoSettings):
+        if f.name != "runs":
+            parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    settings = DemoSettings(**vars(parser.parse_args(argv)))
+    run_demo(settings)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: l3m {train,eval,demo} [--config FILE] [--field value ...]\n\n"
+              "  train  fine-tune a model under reward constraints (L3M); plain SFT without constraints\n"
+              "  eval   task log-perplexity and constraint rewards of a saved model on the test split\n"
+              "  demo   the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M\n\n"
+              "`l3m train --help` lists every field.")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except L3MError as err:
+        print(f"l3m: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
