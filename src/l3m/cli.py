@@ -23,7 +23,13 @@ def _parser_for_configs():
 
     from l3m.config import L3MConfig, ModelConfig, ScriptArguments
 
-    return HfArgumentParser((ScriptArguments, L3MConfig, ModelConfig))
+    class _Parser(HfArgumentParser):
+        # argparse prints its whole usage block and exits; report a wrongly typed value as a one-line l3m error
+        def error(self, message):
+            raise L3MConfigError(message.replace("argument --", "").replace("/--", " (--", 1).replace(":", "):", 1)
+                                 if message.startswith("argument --") else message)
+
+    return _Parser((ScriptArguments, L3MConfig, ModelConfig))
 
 
 def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
@@ -102,7 +108,7 @@ def peft_config_from(model_args):
 
 
 def _load_splits(script_args, seed: int):
-    from l3m.data import load_task_splits
+    from l3m.data import check_columns, load_task_splits
 
     if not script_args.dataset_name:
         raise L3MConfigError("dataset_name: required (a hub dataset, a local .json/.jsonl/.parquet file, or 'demo')")
@@ -112,16 +118,19 @@ def _load_splits(script_args, seed: int):
 
         name = demo_data_path()
     splits = (script_args.dataset_train_split, script_args.dataset_validation_split, script_args.dataset_test_split)
-    return load_task_splits(name, script_args.dataset_config, splits, script_args.validation_size,
-                            script_args.test_size, seed)
+    loaded = load_task_splits(name, script_args.dataset_config, splits, script_args.validation_size,
+                              script_args.test_size, seed)
+    for split_name, split in loaded.items():
+        check_columns(split, split_name, field="dataset_name")
+    return loaded
 
 
 def cmd_train(argv: list[str]) -> int:
     from l3m.trainer import L3MTrainer
 
     script_args, training_args, model_args, _ = parse_config(argv)
+    splits = _load_splits(script_args, training_args.seed)  # data errors surface before a slow model load
     model, tokenizer = load_model_and_tokenizer(model_args)
-    splits = _load_splits(script_args, training_args.seed)
     train = splits["train"]
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
@@ -147,13 +156,13 @@ def cmd_eval(argv: list[str]) -> int:
     model_dir = extras["model"]
     if not model_dir:
         raise L3MConfigError("--model: required (the folder of a saved model)")
+    splits = _load_splits(script_args, training_args.seed)
     if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
         model, tokenizer = _load_adapter(model_dir)
     else:
         model, tokenizer = load_model_and_tokenizer(model_args, path=model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    splits = _load_splits(script_args, training_args.seed)
     test = prepare_dataset(splits["test"], tokenizer, training_args.max_length, training_args.seed, "test")
     result = evaluate_model(model, tokenizer, test, constraints=training_args.parsed_constraints,
                             max_new_tokens=training_args.max_completion_length,

@@ -71,6 +71,8 @@ def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
                 raise L3MDataError(f"dataset_name: folder {dataset_name!r} holds no .json/.jsonl/.parquet files")
         else:
             files = [dataset_name]
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise L3MDataError(f"dataset_name: {dataset_name!r} is empty (no examples)")
         extensions = {os.path.splitext(f)[1] for f in files}
         builders = {_LOCAL_BUILDERS.get(ext) for ext in extensions}
         if None in builders or len(builders) != 1:
@@ -78,7 +80,7 @@ def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
         try:
             return load_dataset(builders.pop(), data_files={"train": files})
         except Exception as err:  # datasets raises many types for malformed files
-            raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err}") from err
+            raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
     return load_dataset(dataset_name, dataset_config)
 
 
@@ -130,21 +132,29 @@ def tokenize_example(prompt_text: str, completion_text: str, tokenizer) -> tuple
     return prompt_ids, completion_ids
 
 
-def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42, name: str = "train") -> Dataset:
-    """Render and tokenize a task split into ``prompt``, ``prompt_ids``, ``completion_ids`` and ``reference``.
-
-    Examples longer than ``max_length`` tokens are dropped and counted; an empty result is an error.
-    """
+def check_columns(dataset: Dataset, name: str, field: str = "dataset") -> None:
+    """Fail early, naming ``field``, when a split is empty or lacks the task-data columns."""
     if len(dataset) == 0:
-        raise L3MDataError(f"dataset: the {name} split is empty")
+        raise L3MDataError(f"{field}: the {name} split is empty")
     columns = set(dataset.column_names)
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         raise L3MDataError(
-            f"dataset: the {name} split has columns {sorted(columns)}; expected 'messages' or 'prompt' and "
+            f"{field}: the {name} split has columns {sorted(columns)}; expected 'messages' or 'prompt' and "
             "'completion' (rename yours with dataset.rename_column)"
         )
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42, name: str = "train",
+                    field: str = "dataset") -> Dataset:
+    """Render and tokenize a task split into ``prompt``, ``prompt_ids``, ``completion_ids`` and ``reference``.
+
+    Examples longer than ``max_length`` tokens are dropped and counted; an empty result is an error. ``field``
+    names the input in error messages.
+    """
+    columns = set(dataset.column_names)
     if "prompt_ids" in columns and "completion_ids" in columns:
         return dataset
+    check_columns(dataset, name, field)
 
     def _encode(example, idx):
         rng = random.Random(seed * 1_000_003 + idx)  # the chosen assistant turn depends only on seed and index

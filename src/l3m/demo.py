@@ -30,6 +30,7 @@ class DemoRun:
     name: str
     length_min: float | None = None
     length_max: float | None = None
+    max_completion_length: int | None = None  # sampling cap in constraint steps; defaults to the settings' value
 
     def constraints(self) -> list[Constraint]:
         if self.length_min is None and self.length_max is None:
@@ -51,8 +52,10 @@ class DemoSettings:
     max_steps: int = 40
     per_device_train_batch_size: int = 8
     learning_rate: float = 2e-5
+    lr_scheduler_type: str = "constant"
     num_generations: int = 4
     max_completion_length: int = 48
+    max_length: int = 128
     ema_smoothing: float = 0.1
     test_size: int = 48
     eval_max_new_tokens: int = 64
@@ -72,7 +75,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = load_task_splits(demo_data_path(), test_size=settings.test_size, validation_size=settings.test_size,
                               seed=settings.seed)
-    test = prepare_dataset(splits["test"], tokenizer, max_length=512, seed=settings.seed, name="test")
+    test = prepare_dataset(splits["test"], tokenizer, max_length=settings.max_length, seed=settings.seed, name="test")
     os.makedirs(settings.output_dir, exist_ok=True)
     records = []
     for index, run in enumerate(settings.runs, start=1):
@@ -85,8 +88,10 @@ def run_demo(settings: DemoSettings) -> list[dict]:
             max_steps=settings.max_steps,
             per_device_train_batch_size=settings.per_device_train_batch_size,
             learning_rate=settings.learning_rate,
+            lr_scheduler_type=settings.lr_scheduler_type,
             num_generations=settings.num_generations,
-            max_completion_length=settings.max_completion_length,
+            max_completion_length=run.max_completion_length or settings.max_completion_length,
+            max_length=settings.max_length,
             ema_smoothing=settings.ema_smoothing,
             warmup_steps=0,
             logging_steps=10,

@@ -86,9 +86,11 @@ class L3MTrainer(Trainer):
 
         self.constraints = parse_constraints(constraints) if constraints is not None else args.parsed_constraints
         self.bounds = [bound for c in self.constraints for bound in c.bounds()]
-        train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.seed, "train")
+        train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.seed, "train",
+                                        field="train_dataset")
         if eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.seed, "eval")
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.seed, "eval",
+                                           field="eval_dataset")
 
         super().__init__(
             model=model,

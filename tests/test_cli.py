@@ -1,0 +1,211 @@
+"""The ``l3m`` command in-process (``l3m.cli.main``) on the tiny model saved to disk: train, eval, overrides, and
+one-line errors (exit code 2, nothing written) for bad inputs. The shipped example configs must parse."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from fixtures.tiny import build_model, build_tokenizer, make_examples
+from l3m.cli import main, parse_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml")))
+LENGTH = {"name": "length", "reward": "length_tokens", "min": 2, "max": 5}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The tiny model and tokenizer saved as a model folder, and a JSONL file of ``messages`` conversations."""
+    root = tmp_path_factory.mktemp("cli_assets")
+    model_dir = root / "tiny-model"
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    build_model(tokenizer).save_pretrained(model_dir)
+    data = root / "data.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for example in make_examples(64, 8, 12, seed=0):
+            f.write(json.dumps(example) + "\n")
+    return {"root": root, "model": str(model_dir), "data": str(data)}
+
+
+def _values(assets, output_dir, **overrides) -> dict:
+    values = dict(model_name_or_path=assets["model"], dataset_name=assets["data"], constraints=[dict(LENGTH)],
+                  max_steps=4, per_device_train_batch_size=4, num_generations=2, max_completion_length=16,
+                  max_length=128, logging_steps=1, seed=0, use_cpu=True, report_to="none", disable_tqdm=True,
+                  output_dir=str(output_dir))
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _write_yaml(path, values: dict) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    """One ``l3m train --config tiny.yaml`` run, shared by the tests that need a trained model folder."""
+    output_dir = assets["root"] / "trained"
+    config = _write_yaml(assets["root"] / "tiny.yaml", _values(assets, output_dir))
+    code = main(["train", "--config", config])
+    return {"code": code, "config": config, "output_dir": output_dir}
+
+
+def test_train_from_a_yaml_config_saves_the_model(trained):
+    assert trained["code"] == 0
+    assert (trained["output_dir"] / "model.safetensors").is_file()
+    assert (trained["output_dir"] / "config.json").is_file()
+
+
+def test_command_line_flags_override_the_yaml_file(assets, tmp_path):
+    output_dir = tmp_path / "run"
+    config = _write_yaml(tmp_path / "tiny.yaml", _values(assets, output_dir, max_steps=4, mu_final=1e-4,
+                                                          save_strategy="steps", save_steps=2))
+    assert main(["train", "--config", config, "--max_steps", "2", "--mu_final", "1e-3"]) == 0
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert not (output_dir / "checkpoint-4").exists()
+    with open(output_dir / "checkpoint-2" / "trainer_state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["global_step"] == 2 and state["max_steps"] == 2
+    # mu decays from mu_init to mu_final over the planned steps: the last step's mu is the flag's mu_final.
+    mus = [log["barrier/mu"] for log in state["log_history"] if "barrier/mu" in log]
+    assert mus and mus[-1] == pytest.approx(1e-3)
+
+
+def test_flags_override_the_file_in_parse_config(assets, tmp_path):
+    config = _write_yaml(tmp_path / "tiny.yaml", _values(assets, tmp_path / "run", mu_final=1e-4))
+    script_args, training_args, model_args, _ = parse_config(["--config", config, "--max_steps", "2",
+                                                              "--mu_final", "1e-3"])
+    assert (training_args.max_steps, training_args.mu_final) == (2, 1e-3)
+    assert training_args.mu_init == 1.0  # untouched fields keep their defaults
+    assert script_args.dataset_name == assets["data"] and model_args.model_name_or_path == assets["model"]
+
+
+def test_constraints_as_a_json_string_on_the_command_line(assets, tmp_path):
+    output_dir = tmp_path / "run"
+    config = _write_yaml(tmp_path / "tiny.yaml", _values(assets, output_dir))
+    flag = ["--constraints", '[{"reward": "length_tokens", "max": 5}]']
+    _, training_args, _, _ = parse_config(["--config", config, *flag])
+    (constraint,) = training_args.parsed_constraints
+    assert (constraint.name, constraint.min, constraint.max) == ("length_tokens", None, 5.0)
+    assert main(["train", "--config", config, "--max_steps", "1", *flag]) == 0
+    assert (output_dir / "model.safetensors").is_file()
+
+
+def test_eval_writes_a_summary_with_the_constraints(trained, tmp_path, capsys):
+    assert trained["code"] == 0
+    output = tmp_path / "out.json"
+    code = main(["eval", "--model", str(trained["output_dir"]), "--config", trained["config"],
+                 "--output", str(output)])
+    assert code == 0
+    with open(output, encoding="utf-8") as f:
+        result = json.load(f)
+    summary = result["summary"]
+    for key in ("log_ppl_mean", "length_mean", "length/satisfied"):
+        assert key in summary, key
+    assert summary["num_examples"] > 0 and summary["log_ppl_mean"] > 0
+    assert isinstance(summary["length/satisfied"], bool)
+    assert json.loads(capsys.readouterr().out.split("\nWrote ")[0]) == summary  # the summary is printed too
+
+
+# ---- bad inputs: exit code 2, one line `l3m: error: <field>: ...` on stderr, the output folder untouched ----
+
+SENTINEL = "sentinel.txt"
+PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+.*/s\]$")  # tqdm: "12%|##  |" or "[00:01, 9.5 it/s]"
+
+
+def _output_dir_with_sentinel(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / SENTINEL).write_text("keep me\n")
+    return output_dir
+
+
+def _assert_one_line_error(capsys, output_dir, code, prefix, *fragments):
+    captured = capsys.readouterr()
+    # Progress bars (tqdm, e.g. transformers' "Loading weights") are transient terminal output, not messages.
+    lines = [line for line in captured.err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert "Traceback" not in captured.err, captured.err
+    assert code == 2, captured.err
+    assert sorted(os.listdir(output_dir)) == [SENTINEL]  # nothing written, nothing removed
+    assert (output_dir / SENTINEL).read_text() == "keep me\n"
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"l3m: error: {prefix}"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _write_rows(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case, prefix, fragments",
+    [
+        ("unknown_yaml_key", "--config: unknown field(s)", ["learning_rat"]),
+        ("unknown_reward", "constraints[length].reward: ", ["no_such_reward"]),
+        ("min_above_max", "constraints[length]: min (9) > max (3)", []),
+        ("mu_final_not_below_mu_init", "mu_final: ", []),
+        ("empty_dataset", "dataset_name: ", ["empty"]),
+        ("dataset_without_columns", "dataset_name: ", ["messages"]),
+        ("model_folder_missing", "model_name_or_path: ", ["no-such-model"]),
+    ],
+)
+def test_bad_config_is_one_line_error_and_writes_nothing(assets, tmp_path, capsys, case, prefix, fragments):
+    output_dir = _output_dir_with_sentinel(tmp_path)
+    overrides = {
+        "unknown_yaml_key": {"learning_rat": 1e-5},
+        "unknown_reward": {"constraints": [{"name": "length", "reward": "no_such_reward", "max": 5}]},
+        "min_above_max": {"constraints": [{"name": "length", "reward": "length_tokens", "min": 9, "max": 3}]},
+        "mu_final_not_below_mu_init": {"mu_init": 0.5, "mu_final": 0.5},
+        "empty_dataset": {"dataset_name": _write_rows(tmp_path / "nothing.jsonl", [])},
+        "dataset_without_columns": {
+            "dataset_name": _write_rows(tmp_path / "text.jsonl", [{"text": f"w{i} w{i + 1}"} for i in range(40)])},
+        "model_folder_missing": {"model_name_or_path": str(tmp_path / "no-such-model")},
+    }[case]
+    config = _write_yaml(tmp_path / "bad.yaml", _values(assets, output_dir, **overrides))
+    code = main(["train", "--config", config])
+    _assert_one_line_error(capsys, output_dir, code, prefix, *fragments)
+
+
+def test_missing_config_file_is_one_line_error(tmp_path, capsys):
+    output_dir = _output_dir_with_sentinel(tmp_path)
+    code = main(["train", "--config", str(tmp_path / "nope.yaml"), "--output_dir", str(output_dir)])
+    _assert_one_line_error(capsys, output_dir, code, "--config: no such file", "nope.yaml")
+
+
+# ---- the command itself ----
+
+def test_help_returns_0(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_unknown_command_returns_2(capsys):
+    assert main(["nosuchcommand"]) == 2
+
+
+# ---- the shipped configs ----
+
+def test_there_are_example_configs():
+    names = {os.path.basename(path) for path in EXAMPLE_CONFIGS}
+    assert {"length_range.yaml", "sft.yaml", "lora_length.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=os.path.basename)
+def test_example_config_parses(path):
+    script_args, training_args, model_args, _ = parse_config(["--config", path])
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert training_args.max_steps > 0 and training_args.output_dir
+    with open(path, encoding="utf-8") as f:
+        assert f.readline().startswith("# Launch:")  # the launch command comes first
