@@ -140,3 +140,14 @@ def test_leave_one_out_lowers_the_variance_under_a_large_offset():
     torch.testing.assert_close(mean_loo, exact_gradient(), rtol=1e-10, atol=1e-10)
     # ... but only the leave-one-out baseline removes it from the variance
     assert var_loo < 0.1 * var_none
+
+
+def test_leave_one_out_baseline_is_per_prompt_group():
+    # two prompts, two responses each: a prompt-level offset (10 vs 100) must not reach the advantages
+    violations = torch.tensor([[10.0], [12.0], [100.0], [106.0]])
+    advantages = constraint_advantages(violations, torch.tensor([1.0]), "leave_one_out", group_size=2)
+    # group 1: 10 - 12 = -2, 12 - 10 = 2; group 2: 100 - 106 = -6, 106 - 100 = 6
+    assert advantages.tolist() == [-2.0, 2.0, -6.0, 6.0]
+    # across the batch instead, the offset leaks in: 10 - (12 + 100 + 106) / 3 = -62.67
+    batch = constraint_advantages(violations, torch.tensor([1.0]), "leave_one_out", group_size=1)
+    assert batch[0].item() == pytest.approx(10 - 218 / 3)

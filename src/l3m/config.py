@@ -61,8 +61,8 @@ class L3MConfig(TrainingArguments):
     reinforce_baseline: str = field(
         default="leave_one_out",
         metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
-                          "of the other samples of the step; unbiased, lower variance) or 'none' (the paper's plain "
-                          "Monte-Carlo average)."},
+                          "of the other responses to the same prompt, or of the batch when num_generations is 1; "
+                          "unbiased, lower variance) or 'none' (the paper's plain Monte-Carlo average)."},
     )
     num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt in a constraint step."})
     max_completion_length: int = field(

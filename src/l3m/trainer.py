@@ -169,7 +169,7 @@ class L3MTrainer(Trainer):
         self._pending_estimates.append(estimate.detach().cpu())
 
         advantages = constraint_advantages(local_violations, multipliers.to(local_violations.device),
-                                           args.reinforce_baseline)
+                                           args.reinforce_baseline, group_size=args.num_generations)
         loss = reinforce_loss(advantages, completion_logps(model, completions))
 
         lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32,
