@@ -31,6 +31,9 @@ class DemoRun:
     length_min: float | None = None
     length_max: float | None = None
     max_completion_length: int | None = None  # sampling cap in constraint steps; defaults to the settings' value
+    num_generations: int | None = None  # responses per prompt in constraint steps; defaults to the settings' value
+    max_steps: int | None = None  # optimizer steps; defaults to the settings' value; 0 evaluates the initial model
+    match_objective_steps: bool = False  # train for as many steps as an L3M run takes objective steps
 
     def constraints(self) -> list[Constraint]:
         if self.length_min is None and self.length_max is None:
@@ -45,18 +48,22 @@ class DemoSettings:
 
     output_dir: str = "outputs/demo"
     runs: list[DemoRun] = field(default_factory=lambda: [
+        DemoRun("initial", max_steps=0),
         DemoRun("SFT"),
-        DemoRun("L3M [2, 8]", 2, 8),
-        DemoRun("L3M [25, 45]", 25, 45),
+        # An L3M spends about half its steps on constraints: this SFT sees as much task data as each L3M.
+        DemoRun("SFT (same data)", match_objective_steps=True),
+        DemoRun("L3M [2, 8]", 2, 8, max_completion_length=24),  # a response of 24+ tokens violates max 8 anyway
+        DemoRun("L3M [16, 32]", 16, 32),
     ])
     max_steps: int = 40
-    per_device_train_batch_size: int = 8
+    per_device_train_batch_size: int = 4
     learning_rate: float = 2e-5
     lr_scheduler_type: str = "constant"
     num_generations: int = 4
     max_completion_length: int = 48
     max_length: int = 128
-    ema_smoothing: float = 0.1
+    mu_final: float = 1e-6
+    ema_smoothing: float = 0.5  # a 40-step run needs a shorter memory than the paper's 0.1 over thousands of steps
     test_size: int = 48
     eval_max_new_tokens: int = 64
     seed: int = 0
@@ -68,7 +75,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from l3m.config import L3MConfig
-    from l3m.trainer import L3MTrainer
+    from l3m.trainer import L3MTrainer, is_constraint_step
 
     started = time.time()
     model_path = demo_model_path()
@@ -79,19 +86,23 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     os.makedirs(settings.output_dir, exist_ok=True)
     records = []
     for index, run in enumerate(settings.runs, start=1):
-        print(f"\n[{index}/{len(settings.runs)}] {run.name}: training {settings.max_steps} steps", flush=True)
+        steps = settings.max_steps if run.max_steps is None else run.max_steps
+        if run.match_objective_steps:
+            steps = sum(not is_constraint_step(settings.seed, step) for step in range(settings.max_steps))
+        print(f"\n[{index}/{len(settings.runs)}] {run.name}: training {steps} steps", flush=True)
         run_dir = os.path.join(settings.output_dir, _slug(run.name))
         torch.manual_seed(settings.seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         args = L3MConfig(
             output_dir=run_dir,
-            max_steps=settings.max_steps,
+            max_steps=max(steps, 1),
             per_device_train_batch_size=settings.per_device_train_batch_size,
             learning_rate=settings.learning_rate,
             lr_scheduler_type=settings.lr_scheduler_type,
-            num_generations=settings.num_generations,
+            num_generations=run.num_generations or settings.num_generations,
             max_completion_length=run.max_completion_length or settings.max_completion_length,
             max_length=settings.max_length,
+            mu_final=settings.mu_final,
             ema_smoothing=settings.ema_smoothing,
             warmup_steps=0,
             logging_steps=10,
@@ -103,14 +114,15 @@ def run_demo(settings: DemoSettings) -> list[dict]:
         trainer = L3MTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
                              constraints=run.constraints())
         run_started = time.time()
-        trainer.train()
+        if steps > 0:
+            trainer.train()
+            trainer.save_model(run_dir)
         train_seconds = time.time() - run_started
-        trainer.save_model(run_dir)
         print(f"[{index}/{len(settings.runs)}] {run.name}: evaluating on {len(test)} held-out prompts", flush=True)
         result = evaluate_model(trainer.model, tokenizer, test, constraints=run.constraints() or _length_probe(),
                                 max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.test_size,
                                 seed=settings.seed, description=f"Evaluating {run.name}")
-        records.append({"run": asdict(run), "train_seconds": train_seconds, **result})
+        records.append({"run": asdict(run), "steps": steps, "train_seconds": train_seconds, **result})
         del trainer, model
 
     results_path = os.path.join(settings.output_dir, "results.json")
@@ -134,7 +146,7 @@ def _length_probe() -> list[Constraint]:
 
 def format_table(records: list[dict]) -> str:
     """The demo's table: one row per model, as in Fig. 2 of the paper."""
-    header = (f"{'model':<16} {'range':>10} {'length mean ± std':>18} {'mean in range':>14} "
+    header = (f"{'model':<16} {'steps':>5} {'range':>10} {'length mean ± std':>18} {'mean in range':>14} "
               f"{'samples in range':>17} {'task log-ppl mean ± std':>24} {'train s':>8}")
     lines = [header, "-" * len(header)]
     for r in records:
@@ -143,7 +155,7 @@ def format_table(records: list[dict]) -> str:
         span = f"[{_fmt(run['length_min'])}, {_fmt(run['length_max'])}]" if constrained else "-"
         in_range = ("yes" if s["length/satisfied"] else "NO") if constrained else "-"
         inside = f"{100 * s['length/inside_frac']:.0f}%" if constrained else "-"
-        lines.append(f"{run['name']:<16} {span:>10} {s['length_mean']:>9.1f} ± {s['length_std']:<6.1f} "
+        lines.append(f"{run['name']:<16} {r['steps']:>5} {span:>10} {s['length_mean']:>9.1f} ± {s['length_std']:<6.1f} "
                      f"{in_range:>14} {inside:>17} {s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} "
                      f"{r['train_seconds']:>8.0f}")
     return "\n".join(lines)
