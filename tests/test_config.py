@@ -100,3 +100,57 @@ def test_bad_constraint_record_is_reported_by_the_config(tmp_path):
     with pytest.raises(L3MConfigError) as err:
         make(tmp_path, constraints=[{"name": "len", "reward": "length_words", "min": 9, "max": 1}])
     assert str(err.value).startswith("constraints[len]: min (9) > max (1)")
+
+
+def test_solver_defaults_to_l3m_with_the_dual_defaults(tmp_path):
+    cfg = make(tmp_path)
+    assert cfg.solver == "l3m"
+    assert (cfg.dual_lr, cfg.multiplier_init, cfg.multiplier_max, cfg.dual_warmup_steps) == (0.05, 0.0, None, 0)
+    assert (cfg.dual_log_parametrization, cfg.dual_ema_smoothing, cfg.dual_update_steps, cfg.dual_warm_start) == (
+        False, 1.0, 10, False)
+
+
+@pytest.mark.parametrize("solver", ["l3m", "mm", "dual", "sft"])
+def test_every_solver_is_accepted(tmp_path, solver):
+    assert make(tmp_path, solver=solver).solver == solver
+
+
+def test_unknown_solver_lists_the_choices(tmp_path):
+    with pytest.raises(L3MConfigError, match=r"^solver: must be one of l3m, mm, dual, sft, got 'lagrangian'"):
+        make(tmp_path, solver="lagrangian")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"dual_lr": -0.1}, "dual_lr"),
+        ({"multiplier_init": -1.0}, "multiplier_init"),
+        ({"multiplier_init": 2.0, "multiplier_max": 1.0}, "multiplier_max"),  # cap below the start
+        ({"multiplier_max": -0.5}, "multiplier_max"),  # below the default start of 0
+        ({"dual_log_parametrization": True}, "multiplier_init"),  # log(0)
+        ({"dual_warmup_steps": -1}, "dual_warmup_steps"),
+        ({"dual_ema_smoothing": 0.0}, "dual_ema_smoothing"),
+        ({"dual_ema_smoothing": 1.5}, "dual_ema_smoothing"),
+        ({"dual_update_steps": 0}, "dual_update_steps"),
+        ({"dual_update_steps": -2}, "dual_update_steps"),
+    ],
+)
+def test_bad_dual_fields_raise_naming_them(tmp_path, kwargs, field):
+    with pytest.raises(L3MConfigError) as err:
+        make(tmp_path, solver="mm", **kwargs)
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_multiplier_max_message_mentions_multiplier_init(tmp_path):
+    with pytest.raises(L3MConfigError, match=r"^multiplier_max: must be >= multiplier_init=2\.0, got 1\.0"):
+        make(tmp_path, multiplier_init=2.0, multiplier_max=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dual_lr": 0.0}, {"multiplier_init": 1.0, "multiplier_max": 1.0}, {"dual_update_steps": 1},
+     {"dual_ema_smoothing": 1.0}, {"dual_log_parametrization": True, "multiplier_init": 0.1}],
+)
+def test_dual_fields_on_the_edge_are_accepted(tmp_path, kwargs):
+    cfg = make(tmp_path, solver="mm", **kwargs)
+    assert all(getattr(cfg, k) == v for k, v in kwargs.items())

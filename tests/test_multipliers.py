@@ -1,14 +1,16 @@
-"""LogBarrierMultipliers: the EMA of the constraint values (Sec. 5.4) and the multipliers derived from it."""
+"""Multiplier strategies: the log barrier's EMA (Sec. 5.4) and multipliers, and the MM / iterative dual baselines."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from l3m.barrier import implied_multipliers, mu_at_step
-from l3m.multipliers import LogBarrierMultipliers
+from l3m.multipliers import (DualAscentMultipliers, IterativeDualMultipliers, LogBarrierMultipliers, Multipliers,
+                             build_multipliers)
 
 
 def test_ema_is_seeded_with_the_first_estimate():
@@ -123,3 +125,256 @@ def test_state_dict_round_trip_before_any_update():
     assert restored.ema is None
     estimate = torch.tensor([-0.3])
     torch.testing.assert_close(restored.multipliers(0, 5, estimate), implied_multipliers(estimate, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------- the shared interface
+
+
+def test_every_strategy_implements_the_interface_and_the_factory_picks_it(tmp_path):
+    from l3m.config import L3MConfig
+
+    expected = {"l3m": LogBarrierMultipliers, "sft": LogBarrierMultipliers, "mm": DualAscentMultipliers,
+                "dual": IterativeDualMultipliers}
+    for solver, cls in expected.items():
+        args = L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver=solver, dual_lr=0.3,
+                         multiplier_max=7.0, dual_update_steps=3)
+        m = build_multipliers(args)
+        assert type(m) is cls and isinstance(m, Multipliers), solver
+        assert m.estimate is None
+    mm = build_multipliers(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="mm", dual_lr=0.3,
+                                     multiplier_max=7.0, dual_warmup_steps=2, dual_ema_smoothing=0.5))
+    assert (mm.dual_lr, mm.multiplier_max, mm.warmup_steps, mm.ema_smoothing) == (0.3, 7.0, 2, 0.5)
+    dual = build_multipliers(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="dual",
+                                       dual_update_steps=3, dual_warm_start=True))
+    assert (dual.update_steps, dual.warm_start) == (3, True)
+
+
+def test_log_barrier_estimate_is_its_ema():
+    m = LogBarrierMultipliers(ema_smoothing=0.5)
+    m.update_(torch.tensor([4.0]))
+    m.update_(torch.tensor([0.0]))
+    assert m.estimate is m.ema
+    torch.testing.assert_close(m.estimate, torch.tensor([2.0]))
+
+
+def test_l3m_multiplier_of_an_inactive_constraint_vanishes_as_mu_decays():
+    """Complementary slackness by design (Sec. 5.2): with C = -0.5 fixed, lambda~ = mu / (k * 0.5) -> 0."""
+    total = 50
+    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
+    inactive = torch.tensor([-0.5, 2.0])  # the second constraint stays violated
+    mus, lams = [], []
+    for t in range(total):
+        mus.append(m.mu(t, total))
+        lams.append(m.multipliers(t, total, inactive))
+        m.update_(inactive)
+    slack = [lam[0].item() for lam in lams]
+    # while mu^2 > 0.5 the relaxed barrier is on its linear branch: 1 / (k mu), as for an active constraint
+    assert slack[0] == pytest.approx(1.0 / 2)
+    # once mu^2 < 0.5 it is mu / (k * 0.5), strictly decreasing with mu, down to mu_final
+    log_branch = [lam for mu, lam in zip(mus, slack) if mu**2 < 0.5]
+    assert len(log_branch) > total - 3
+    assert all(a > b for a, b in zip(log_branch, log_branch[1:]))
+    assert slack[-1] == pytest.approx(1e-6 / (2 * 0.5), rel=1e-4)
+    # the violated one grows as 1 / (k mu) instead
+    assert lams[-1][1].item() == pytest.approx(1.0 / (2 * 1e-6), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ MM (dual ascent)
+
+
+def test_mm_multiplier_rises_while_violated_then_decays_to_zero_and_stays():
+    m = DualAscentMultipliers(dual_lr=0.5)
+    lams = []
+    for est in [2.0, 2.0, 2.0]:
+        lams.append(m.multipliers(0, 10, torch.tensor([est])).item())
+        m.update_(torch.tensor([est]))
+    # returned before each update: 0, then 0 + 0.5*2, then 2
+    assert lams == [0.0, 1.0, 2.0]
+    assert m.lam.item() == pytest.approx(3.0)
+    for expected in [2.5, 2.0, 1.5, 1.0, 0.5, 0.0, 0.0, 0.0]:  # slack C = -1: down by 0.5 per step, projected at 0
+        m.update_(torch.tensor([-1.0]))
+        assert m.lam.item() == pytest.approx(expected)
+    assert m.lam.item() == 0.0  # exactly 0, never negative
+    torch.testing.assert_close(m.multipliers(9, 10, torch.tensor([5.0])), torch.tensor([0.0]))
+
+
+def test_mm_constraints_move_independently():
+    m = DualAscentMultipliers(dual_lr=0.1, multiplier_init=1.0)
+    torch.testing.assert_close(m.multipliers(0, 5, torch.tensor([3.0, -2.0])), torch.tensor([1.0, 1.0]))
+    m.update_(torch.tensor([3.0, -2.0]))
+    torch.testing.assert_close(m.lam, torch.tensor([1.3, 0.8]))
+    torch.testing.assert_close(m.multipliers(1, 5, torch.tensor([0.0, 0.0])), torch.tensor([1.3, 0.8]))
+
+
+def test_mm_cap_is_respected():
+    m = DualAscentMultipliers(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0)
+    for _ in range(10):
+        m.update_(torch.tensor([3.0, 0.25]))
+    torch.testing.assert_close(m.lam, torch.tensor([2.0, 2.0]))
+    assert m.multipliers(0, 1, torch.tensor([9.0, 9.0])).max().item() == 2.0
+    log_m = DualAscentMultipliers(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0, log_parametrization=True)
+    for _ in range(10):
+        log_m.update_(torch.tensor([3.0]))
+    assert log_m.lam.item() == pytest.approx(2.0)
+
+
+def test_mm_warmup_delays_the_dual_updates():
+    m = DualAscentMultipliers(dual_lr=0.5, warmup_steps=3)
+    for _ in range(3):
+        m.update_(torch.tensor([2.0]))
+        assert m.lam.item() == 0.0
+    m.update_(torch.tensor([2.0]))  # the 4th estimate is the first dual step
+    assert m.lam.item() == pytest.approx(1.0)
+    assert m.num_updates == 4
+
+
+def test_mm_ema_smoothing_drives_the_step():
+    m = DualAscentMultipliers(dual_lr=1.0, ema_smoothing=0.5)
+    m.update_(torch.tensor([4.0]))  # ema = 4 (seeded), lam = 4
+    m.update_(torch.tensor([-4.0]))  # ema = 0.5*4 + 0.5*(-4) = 0, lam stays 4
+    torch.testing.assert_close(m.estimate, torch.tensor([0.0]))
+    assert m.lam.item() == pytest.approx(4.0)
+    raw = DualAscentMultipliers(dual_lr=1.0)  # smoothing 1.0: the raw step estimate
+    raw.update_(torch.tensor([4.0]))
+    raw.update_(torch.tensor([-4.0]))
+    assert raw.lam.item() == pytest.approx(0.0)
+    torch.testing.assert_close(raw.estimate, torch.tensor([-4.0]))
+
+
+def test_mm_log_parametrization_stays_positive_and_follows_the_sign():
+    m = DualAscentMultipliers(dual_lr=0.5, multiplier_init=1.0, log_parametrization=True)
+    m.update_(torch.tensor([2.0]))
+    # log(lambda) += lr * C = 0.5 * 2, i.e. lambda *= exp(1)
+    assert m.lam.item() == pytest.approx(math.exp(1.0))
+    assert m.log_lam.item() == pytest.approx(1.0)
+    m.update_(torch.tensor([2.0]))
+    assert m.lam.item() == pytest.approx(math.exp(2.0))
+    previous = m.lam.item()
+    for _ in range(3):
+        m.update_(torch.tensor([1.0]))
+        assert m.lam.item() > previous
+        previous = m.lam.item()
+    for _ in range(30):
+        m.update_(torch.tensor([-1.0]))
+        assert 0 < m.lam.item() < previous
+        previous = m.lam.item()
+    assert previous < 0.01  # decays towards 0 without reaching it
+    for _ in range(1000):  # a long violation grows it steadily (linearly in log space), without overflow
+        m.update_(torch.tensor([0.1]))
+    assert m.log_lam.item() == pytest.approx(math.log(previous) + 1000 * 0.5 * 0.1, rel=1e-3)
+    assert math.isfinite(m.lam.item())
+
+
+def test_mm_log_parametrization_needs_a_positive_start():
+    with pytest.raises(ValueError, match="^multiplier_init: must be > 0"):
+        DualAscentMultipliers(multiplier_init=0.0, log_parametrization=True)
+
+
+@pytest.mark.parametrize("log_parametrization", [False, True])
+def test_mm_state_dict_round_trip(log_parametrization):
+    kwargs = dict(dual_lr=0.2, multiplier_init=0.5, multiplier_max=10.0, warmup_steps=2, ema_smoothing=0.5,
+                  log_parametrization=log_parametrization)
+    m = DualAscentMultipliers(**kwargs)
+    for est in ([1.0, -2.0], [3.0, 0.5], [0.5, -1.0]):
+        m.update_(torch.tensor(est))
+    state = json.loads(json.dumps(m.state_dict()))
+    restored = DualAscentMultipliers(**kwargs)
+    restored.load_state_dict(state)
+    assert restored.num_updates == 3
+    torch.testing.assert_close(restored.lam, m.lam)
+    torch.testing.assert_close(restored.estimate, m.estimate)
+    for est in ([2.0, 2.0], [-1.0, 4.0]):  # both continue identically (the warm-up count is restored too)
+        m.update_(torch.tensor(est))
+        restored.update_(torch.tensor(est))
+        torch.testing.assert_close(restored.lam, m.lam)
+    assert not torch.equal(m.lam, torch.tensor([0.5, 0.5]))
+
+
+def test_mm_state_dict_before_any_update():
+    m = DualAscentMultipliers(multiplier_init=0.25)
+    restored = DualAscentMultipliers(multiplier_init=0.25)
+    restored.update_(torch.tensor([5.0]))
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert restored.lam is None and restored.estimate is None and restored.num_updates == 0
+    torch.testing.assert_close(restored.multipliers(0, 3, torch.tensor([1.0, 1.0])), torch.tensor([0.25, 0.25]))
+
+
+# ------------------------------------------------------------------------------------------------- iterative dual
+
+
+def _run_outer_iterations(m, estimates):
+    """Feed one estimate per constraint step; return the multipliers each step used."""
+    used = []
+    for est in estimates:
+        used.append(m.multipliers(0, 100, torch.tensor(est)).tolist())
+        m.update_(torch.tensor(est))
+    return used
+
+
+def test_iterative_dual_is_constant_within_an_outer_iteration_and_takes_the_projected_step():
+    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=3, multiplier_init=1.0)
+    first = [[2.0, -1.0], [4.0, -3.0], [0.0, -2.0]]  # mean [2, -2]
+    second = [[1.0, -4.0], [-1.0, -4.0], [3.0, -4.0]]  # mean [1, -4]
+    used = _run_outer_iterations(m, first + second)
+    assert used[:3] == [[1.0, 1.0]] * 3  # lambda_0 throughout iteration 0, whatever the estimates
+    assert used[3:] == [[2.0, 0.0]] * 3  # lambda_1 = max(0, [1, 1] + 0.5 * [2, -2]) = [2, 0]
+    # lambda_2 = max(0, [2, 0] + 0.5 * [1, -4]) = [2.5, 0]: projected at 0, not -2
+    torch.testing.assert_close(m.lam, torch.tensor([2.5, 0.0]))
+    assert m.iteration == 2
+    assert m.history == [[1.0, 1.0], [2.0, 0.0], [2.5, 0.0]]
+    torch.testing.assert_close(m.estimate, torch.tensor([1.0, -4.0]))  # the last completed iteration's mean
+
+
+def test_iterative_dual_estimate_is_the_running_mean_of_the_iteration():
+    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=4)
+    assert m.estimate is None
+    _run_outer_iterations(m, [[2.0], [4.0]])
+    torch.testing.assert_close(m.estimate, torch.tensor([3.0]))
+    assert m.iteration == 0 and m.lam.item() == 0.0
+
+
+def test_iterative_dual_cap():
+    m = IterativeDualMultipliers(dual_lr=1.0, update_steps=1, multiplier_max=1.5)
+    _run_outer_iterations(m, [[1.0], [1.0], [1.0]])
+    assert m.history == [[0.0], [1.0], [1.5], [1.5]]
+
+
+def test_iterative_dual_warm_start():
+    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=2, multiplier_init=3.0, warm_start=True)
+    first = torch.tensor([4.0, -1.0])
+    # lambda_0 = dual_lr * max(0, C) of the first estimate, already for the first step's weights
+    torch.testing.assert_close(m.multipliers(0, 10, first), torch.tensor([2.0, 0.0]))
+    used = _run_outer_iterations(m, [[4.0, -1.0], [2.0, -3.0], [0.0, 0.0]])
+    assert used[:2] == [[2.0, 0.0]] * 2
+    # the first estimate also counts towards the first iteration's mean [3, -2]: [2, 0] + 0.5 * [3, -2] -> [3.5, 0]
+    assert used[2] == [3.5, 0.0]
+    assert m.history == [[2.0, 0.0], [3.5, 0.0]]
+    cold = IterativeDualMultipliers(dual_lr=0.5, update_steps=2, multiplier_init=3.0)
+    torch.testing.assert_close(cold.multipliers(0, 10, first), torch.tensor([3.0, 3.0]))
+
+
+def test_iterative_dual_state_dict_round_trip_mid_iteration():
+    kwargs = dict(dual_lr=0.25, update_steps=3, multiplier_init=0.5)
+    m = IterativeDualMultipliers(**kwargs)
+    _run_outer_iterations(m, [[1.0, -1.0], [2.0, 0.0], [3.0, 1.0], [4.0, -4.0]])  # one dual step, one step into it
+    state = json.loads(json.dumps(m.state_dict()))
+    restored = IterativeDualMultipliers(**kwargs)
+    _run_outer_iterations(restored, [[9.0, 9.0]] * 7)  # stale state (iteration 2), overwritten by the load
+    restored.load_state_dict(state)
+    assert restored.iteration == m.iteration == 1
+    assert restored.steps_in_iteration == 1
+    assert restored.history == m.history == [[0.5, 0.5], [1.0, 0.5]]
+    torch.testing.assert_close(restored.lam, m.lam)
+    torch.testing.assert_close(restored.estimate, m.estimate)
+    rest = [[0.0, 2.0], [-1.0, 2.0], [5.0, 5.0]]  # finishes iteration 1 (mean [1, 0]), then starts iteration 2
+    assert _run_outer_iterations(restored, rest) == _run_outer_iterations(m, rest)
+    assert restored.history == m.history == [[0.5, 0.5], [1.0, 0.5], [1.25, 0.5]]
+    torch.testing.assert_close(restored.estimate, m.estimate)
+
+
+def test_iterative_dual_state_dict_before_any_update():
+    m = IterativeDualMultipliers()
+    restored = IterativeDualMultipliers()
+    restored.update_(torch.tensor([1.0]))
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert restored.lam is None and restored.estimate is None and restored.history == []

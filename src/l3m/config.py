@@ -14,10 +14,20 @@ from transformers import TrainingArguments
 from l3m.constraints import parse_constraints
 from l3m.errors import L3MConfigError
 
+SOLVERS = ("l3m", "mm", "dual", "sft")
+
 
 @dataclass
 class L3MConfig(TrainingArguments):
     r"""Configuration of :class:`l3m.L3MTrainer`: `transformers.TrainingArguments` plus the solver's fields.
+
+    > Solver
+
+    solver (`str`, defaults to `"l3m"`): where the weights of the constraint gradients come from (`l3m.multipliers`):
+        ``"l3m"`` the log barrier (Sec. 5); ``"mm"`` the minimax-Lagrangian baseline, multipliers learned by
+        projected dual ascent (Sec. 4.2, 6.3); ``"dual"`` the iterative dual baseline (Zhang et al. 2025), multipliers
+        fixed for ``dual_update_steps`` constraint steps, then one dual step; ``"sft"`` ignores the constraints (plain
+        SFT). Everything else (sampling, rewards, REINFORCE, objective steps, logging, checkpoints) is shared.
 
     > Constraints and the log barrier (Sec. 5 of the L3M paper)
 
@@ -29,6 +39,19 @@ class L3MConfig(TrainingArguments):
     objective_step_probability (`float`, defaults to `0.5`): probability that an optimizer step is an objective
         step rather than a constraint step (the fair coin of Sec. 5.4).
     reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12.
+
+    > Learned multipliers (solvers ``mm`` and ``dual``)
+
+    dual_lr (`float`, defaults to `0.05`): step size of the dual update ``lambda <- max(0, lambda + dual_lr * C)``.
+    multiplier_init (`float`, defaults to `0.0`) / multiplier_max (`float`, *optional*): initial multipliers and an
+        optional cap on them.
+    dual_warmup_steps (`int`, defaults to `0`): ``mm`` takes no dual step during its first that many constraint steps.
+    dual_log_parametrization (`bool`, defaults to `False`): ``mm`` learns ``log lambda`` (Safe-RLHF):
+        ``log lambda <- log lambda + dual_lr * C``.
+    dual_ema_smoothing (`float`, defaults to `1.0`): weight of a new estimate in ``mm``'s EMA of the constraint values
+        (1.0: the step's own estimate).
+    dual_update_steps (`int`, defaults to `10`): constraint steps per outer iteration of ``dual``.
+    dual_warm_start (`bool`, defaults to `False`): ``dual`` starts from ``dual_lr * max(0, C)`` of its first estimate.
 
     > Sampling for constraint steps (App. A: top-p 0.9)
 
@@ -43,6 +66,13 @@ class L3MConfig(TrainingArguments):
     prompt columns), ``save_strategy="no"``.
     """
 
+    solver: str = field(
+        default="l3m",
+        metadata={"help": "Where the constraint multipliers come from: 'l3m' (log barrier, Sec. 5), 'mm' (minimax "
+                          "Lagrangian: projected dual ascent after every constraint step), 'dual' (iterative dual: "
+                          "multipliers fixed for dual_update_steps constraint steps, then one dual step) or 'sft' "
+                          "(ignore the constraints: plain SFT)."},
+    )
     constraints: list[dict] | str | None = field(
         default=None,
         metadata={"help": "Constraint records, e.g. [{name: length, reward: length_tokens, min: 20, max: 40}]. "
@@ -63,6 +93,41 @@ class L3MConfig(TrainingArguments):
         metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
                           "of the other responses to the same prompt, or of the batch when num_generations is 1; "
                           "unbiased, lower variance) or 'none' (the paper's plain Monte-Carlo average)."},
+    )
+    dual_lr: float = field(
+        default=0.05,
+        metadata={"help": "Solvers mm/dual: dual step size, lambda <- max(0, lambda + dual_lr * C) with C the measured "
+                          "constraint value (> 0 violated). MM is sensitive to it (Sec. 6.3)."},
+    )
+    multiplier_init: float = field(
+        default=0.0, metadata={"help": "Solvers mm/dual: initial multipliers (> 0 with dual_log_parametrization)."}
+    )
+    multiplier_max: float | None = field(
+        default=None, metadata={"help": "Solvers mm/dual: cap on the multipliers; unset means no cap."}
+    )
+    dual_warmup_steps: int = field(
+        default=0, metadata={"help": "Solver mm: no dual update during the first this many constraint steps."}
+    )
+    dual_log_parametrization: bool = field(
+        default=False,
+        metadata={"help": "Solver mm: learn log(lambda) instead, log(lambda) <- log(lambda) + dual_lr * C, as "
+                          "Safe-RLHF's PPO-Lag does (lambda stays positive without projection; needs "
+                          "multiplier_init > 0)."},
+    )
+    dual_ema_smoothing: float = field(
+        default=1.0,
+        metadata={"help": "Solver mm: weight of the newest estimate in the EMA of each constraint value that drives "
+                          "the dual step; 1.0 uses the step's own estimate."},
+    )
+    dual_update_steps: int = field(
+        default=10,
+        metadata={"help": "Solver dual: constraint steps per outer iteration (multipliers fixed within it; one dual "
+                          "step on the iteration's mean estimate at its end)."},
+    )
+    dual_warm_start: bool = field(
+        default=False,
+        metadata={"help": "Solver dual: start from lambda = dual_lr * max(0, C) of the first estimate instead of "
+                          "multiplier_init (a one-step simplification of the paper's one-shot dual)."},
     )
     num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt in a constraint step."})
     max_completion_length: int = field(
@@ -90,6 +155,7 @@ class L3MConfig(TrainingArguments):
             except yaml.YAMLError as err:
                 raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
         self.parsed_constraints = parse_constraints(self.constraints)
+        _check(self.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
         _check(0 < self.mu_final < self.mu_init, "mu_final",
                f"must be in (0, mu_init={self.mu_init}) so that mu decays, got {self.mu_final}")
@@ -98,6 +164,16 @@ class L3MConfig(TrainingArguments):
                f"must be in [0, 1], got {self.objective_step_probability}")
         _check(self.reinforce_baseline in ("leave_one_out", "none"), "reinforce_baseline",
                f"must be 'leave_one_out' or 'none', got {self.reinforce_baseline!r}")
+        _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
+        _check(self.multiplier_init >= 0, "multiplier_init", f"must be >= 0, got {self.multiplier_init}")
+        _check(not self.dual_log_parametrization or self.multiplier_init > 0, "multiplier_init",
+               f"must be > 0 with dual_log_parametrization (log lambda starts at its log), got {self.multiplier_init}")
+        _check(self.multiplier_max is None or self.multiplier_max >= self.multiplier_init, "multiplier_max",
+               f"must be >= multiplier_init={self.multiplier_init}, got {self.multiplier_max}")
+        _check(self.dual_warmup_steps >= 0, "dual_warmup_steps", f"must be >= 0, got {self.dual_warmup_steps}")
+        _check(0 < self.dual_ema_smoothing <= 1, "dual_ema_smoothing",
+               f"must be in (0, 1], got {self.dual_ema_smoothing}")
+        _check(self.dual_update_steps >= 1, "dual_update_steps", f"must be >= 1, got {self.dual_update_steps}")
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
         _check(self.max_completion_length >= 1, "max_completion_length",
                f"must be >= 1, got {self.max_completion_length}")

@@ -53,7 +53,7 @@ class DemoSettings:
         # An L3M spends about half its steps on constraints: this SFT sees as much task data as each L3M.
         DemoRun("SFT (same data)", match_objective_steps=True),
         DemoRun("L3M [2, 8]", 2, 8, max_completion_length=24),  # a response of 24+ tokens violates max 8 anyway
-        DemoRun("L3M [16, 32]", 16, 32),
+        DemoRun("L3M [14, 30]", 14, 30),
     ])
     max_steps: int = 40
     per_device_train_batch_size: int = 4

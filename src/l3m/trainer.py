@@ -3,8 +3,9 @@
 Each optimizer step flips a seeded coin (Sec. 5.4). An *objective step* takes a gradient step on the task objective
 ``L`` (length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
 scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the log-barrier multipliers (Eq. 11,
-Sec. 5.2). The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no
-constraints every step is an objective step: plain SFT.
+Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``dual``, a baseline's learned multipliers (:mod:`l3m.multipliers`).
+The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no constraints, or
+``solver="sft"``, every step is an objective step: plain SFT.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from l3m.config import L3MConfig
 from l3m.constraints import Constraint, compute_rewards, parse_constraints, violations
 from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError
-from l3m.multipliers import LogBarrierMultipliers
+from l3m.multipliers import LogBarrierMultipliers, build_multipliers
 from l3m.reinforce import constraint_advantages, reinforce_loss
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
@@ -85,7 +86,8 @@ class L3MTrainer(Trainer):
             raise L3MConfigError("train_dataset: required (a datasets.Dataset of task data)")
 
         self.constraints = parse_constraints(constraints) if constraints is not None else args.parsed_constraints
-        self.bounds = [bound for c in self.constraints for bound in c.bounds()]
+        # solver "sft" ignores the constraints: no constraint steps, no constraint metrics
+        self.bounds = [] if args.solver == "sft" else [bound for c in self.constraints for bound in c.bounds()]
         train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.seed, "train",
                                         field="train_dataset")
         if eval_dataset is not None:
@@ -104,7 +106,7 @@ class L3MTrainer(Trainer):
         )
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
         self.stop_ids = eos_ids(processing_class, model)
-        self.multipliers = LogBarrierMultipliers(args.mu_init, args.mu_final, args.ema_smoothing)
+        self.multipliers = build_multipliers(args)
         self._constraint_step = False
         self._pending_estimates: list[torch.Tensor] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -119,7 +121,7 @@ class L3MTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             self._metrics["step/constraint"].append(float(self._constraint_step))
-            if self.bounds:
+            if self.bounds and isinstance(self.multipliers, LogBarrierMultipliers):
                 self._metrics["barrier/mu"].append(self.multipliers.mu(step, self.state.max_steps))
             if self._pending_estimates:
                 self.multipliers.update_(torch.stack(self._pending_estimates).mean(dim=0))
@@ -198,8 +200,8 @@ class L3MTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs):
             logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
-            if self.multipliers.ema is not None:
-                for bound, value in zip(self.bounds, self.multipliers.ema.tolist()):
+            if self.multipliers.estimate is not None:
+                for bound, value in zip(self.bounds, self.multipliers.estimate.tolist()):
                     logs[f"constraints/{bound.name}/ema"] = value
             self._metrics.clear()
         super().log(logs, start_time)
@@ -207,6 +209,7 @@ class L3MTrainer(Trainer):
     def solver_state(self) -> dict:
         """Everything the solver changes during training, saved beside each checkpoint."""
         return {
+            "solver": self.args.solver,
             "multipliers": self.multipliers.state_dict(),
             "global_step": self.state.global_step,
             "constraints": [b.name for b in self.bounds],
@@ -245,4 +248,7 @@ class L3MTrainer(Trainer):
         if state["constraints"] != [b.name for b in self.bounds]:
             raise L3MConfigError(f"constraints: the checkpoint was trained with {state['constraints']}, not "
                                  f"{[b.name for b in self.bounds]}")
+        if state["solver"] != self.args.solver:
+            raise L3MConfigError(f"solver: the checkpoint was trained with solver {state['solver']!r}, "
+                                 f"not {self.args.solver!r}")
         self.multipliers.load_state_dict(state["multipliers"])
