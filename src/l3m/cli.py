@@ -15,7 +15,6 @@ import sys
 
 from l3m.errors import L3MConfigError, L3MError
 
-logger = logging.getLogger("l3m")
 
 
 def _parser_for_configs():

@@ -11,7 +11,6 @@ The Trainer clips each step's gradient on its own, so the two parts are clipped 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 from collections import defaultdict
@@ -29,7 +28,6 @@ from l3m.multipliers import LogBarrierMultipliers, build_multipliers
 from l3m.reinforce import constraint_advantages, reinforce_loss
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
-logger = logging.getLogger(__name__)
 
 SOLVER_STATE_NAME = "l3m_state.json"
 
