@@ -121,6 +121,22 @@ SENTINEL = "sentinel.txt"
 PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+.*/s\]$")  # tqdm: "12%|##  |" or "[00:01, 9.5 it/s]"
 
 
+def test_lora_run_saves_an_adapter_that_eval_loads(assets, tmp_path, capsys):
+    pytest.importorskip("peft")
+    output_dir = tmp_path / "lora"
+    config = _write_yaml(tmp_path / "lora.yaml", _values(assets, output_dir, use_peft=True, lora_r=4, lora_alpha=8,
+                                                          learning_rate=1e-3))
+    assert main(["train", "--config", config]) == 0
+    assert (output_dir / "adapter_config.json").is_file()
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert not (output_dir / "model.safetensors").exists()  # only the adapter is saved
+    capsys.readouterr()
+    out = tmp_path / "lora_eval.json"
+    assert main(["eval", "--model", str(output_dir), "--config", config, "--output", str(out)]) == 0
+    with open(out, encoding="utf-8") as f:
+        assert "log_ppl_mean" in json.load(f)["summary"]
+
+
 def _output_dir_with_sentinel(tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
