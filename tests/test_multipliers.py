@@ -62,31 +62,38 @@ def test_first_multipliers_come_from_the_given_estimate():
     assert m.ema is None
 
 
-def test_multipliers_come_from_the_ema_before_the_update():
+def test_multipliers_blend_this_steps_estimate_into_the_ema():
     m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
     m.update_(torch.tensor([2.0, -1.0]))
     m.update_(torch.tensor([-8.0, 4.0]))  # ema = [1.0, -0.5]
-    this_step = torch.tensor([-50.0, 50.0])  # very different, must not be used
+    this_step = torch.tensor([11.0, -5.5])
     lam = m.multipliers(step=5, total_steps=11, estimate=this_step)
-    torch.testing.assert_close(lam, torch.tensor([500.0, 1e-3]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(lam, implied_multipliers(torch.tensor([1.0, -0.5]), 1e-3))
-    assert not torch.allclose(lam, implied_multipliers(this_step, 1e-3))
+    # blended: 0.9 * [1.0, -0.5] + 0.1 * [11.0, -5.5] = [2.0, -1.0]; mu_5 = 1e-3, k = 2:
+    # C = 2 is violated -> 1/(2*1e-3) = 500; C = -1 -> 1e-3/(2*1) = 5e-4
+    torch.testing.assert_close(lam, torch.tensor([500.0, 5e-4]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(m.ema, torch.tensor([1.0, -0.5]))  # asking does not advance the EMA
+
+
+def test_a_newly_violated_constraint_is_acted_on_in_the_same_step():
+    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.5)
+    m.update_(torch.tensor([-1.0]))  # satisfied so far
+    lam = m.multipliers(step=5, total_steps=11, estimate=torch.tensor([3.0]))  # blended: 0.5*-1 + 0.5*3 = 1 > 0
+    assert lam.item() == pytest.approx(1 / 1e-3)  # active: 1/(k mu) with k = 1
 
 
 def test_training_loop_order():
-    """In a loop 'multipliers, then update_', step t's multipliers use the EMA of the estimates of steps < t."""
+    """In a loop 'multipliers, then update_', step t's multipliers use the EMA advanced by step t's estimate."""
     total = 6
     estimates = [torch.tensor([0.5, -2.0]), torch.tensor([-1.0, -1.0]), torch.tensor([0.2, 0.3]),
                  torch.tensor([-0.1, 1.0]), torch.tensor([3.0, -0.2]), torch.tensor([0.0, 0.0])]
     m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-3, ema_smoothing=0.1)
     ema = None
     for t, est in enumerate(estimates):
-        expected_c = est if ema is None else ema
+        ema = est.clone() if ema is None else 0.9 * ema + 0.1 * est
         mu = mu_at_step(t, total, 1.0, 1e-3)
         lam = m.multipliers(t, total, est)
-        torch.testing.assert_close(lam, implied_multipliers(expected_c, mu))
+        torch.testing.assert_close(lam, implied_multipliers(ema, mu))
         m.update_(est)
-        ema = est.clone() if ema is None else 0.9 * ema + 0.1 * est
         torch.testing.assert_close(m.ema, ema)
 
 

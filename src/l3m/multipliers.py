@@ -83,10 +83,11 @@ class LogBarrierMultipliers(Multipliers):
     r"""The L3M multipliers :math:`\tilde\lambda_i = \mu / (k \max(-\hat C_i, \mu^2))` (Sec. 5.2, Eq. 11).
 
     :math:`\hat C_i` is an exponential moving average of the per-step Monte-Carlo estimates of :math:`C_i`
-    (Sec. 5.4): ``ema <- (1 - smoothing) * ema + smoothing * estimate``, seeded with the first estimate.
-    The multipliers of a step are computed from the EMA *before* that step's samples are folded in, so a step's
-    weights do not depend on its own samples (its first constraint step seeds the EMA first). ``mu`` decays
-    exponentially over the planned optimizer steps (:func:`l3m.barrier.mu_at_step`).
+    (Sec. 5.4): ``ema <- (1 - smoothing) * ema + smoothing * estimate``, seeded with the first estimate. A step's
+    multipliers use the EMA *including* that step's own estimate ("its estimate can include information from
+    previous mini-batches", Sec. 5.4), so a constraint that becomes violated is acted on in the same step. The EMA
+    itself is advanced once per optimizer step (:meth:`update_`), with the mean of its micro-batch estimates.
+    ``mu`` decays exponentially over the planned optimizer steps (:func:`l3m.barrier.mu_at_step`).
     """
 
     def __init__(self, mu_init: float = 1.0, mu_final: float = 1e-6, ema_smoothing: float = 0.1):
@@ -106,9 +107,11 @@ class LogBarrierMultipliers(Multipliers):
     def multipliers(self, step: int, total_steps: int, estimate: torch.Tensor) -> torch.Tensor:
         """``(K,)`` multipliers for optimizer step ``step`` of ``total_steps``.
 
-        ``estimate`` (this step's ``(K,)`` Monte-Carlo estimate) seeds the EMA when no constraint step has run yet.
+        ``estimate`` is this (micro-)batch's ``(K,)`` Monte-Carlo estimate, blended into the EMA as :meth:`update_`
+        will fold it in (it seeds the EMA when no constraint step has run yet).
         """
-        ema = estimate.detach().float().cpu() if self.ema is None else self.ema
+        estimate = estimate.detach().float().cpu()
+        ema = estimate if self.ema is None else (1 - self.ema_smoothing) * self.ema + self.ema_smoothing * estimate
         return implied_multipliers(ema, self.mu(step, total_steps))
 
     def update_(self, estimate: torch.Tensor) -> None:
