@@ -46,7 +46,8 @@ def plot_length_figure(results: Sequence[LengthResult], path: str) -> str:
     left.grid(alpha=0.3)
 
     right.boxplot([list(r.lengths) for r in results], notch=True, showmeans=True, widths=0.6,
-                  meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "black"})
+                  meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "black"},
+                  flierprops={"marker": ".", "markersize": 4, "markerfacecolor": "grey", "markeredgecolor": "grey"})
     right.set_xticks(range(1, len(results) + 1), [r.label for r in results], fontsize=8)
     for i, r in enumerate(results, start=1):
         for bound in r.length_range or ():
