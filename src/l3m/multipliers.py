@@ -71,6 +71,12 @@ def _to_cpu_float(estimate: torch.Tensor) -> torch.Tensor:
     return estimate.detach().float().cpu().clone()
 
 
+def _ema_step(ema: torch.Tensor | None, estimate: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``(1 - smoothing) * ema + smoothing * estimate``; the first estimate seeds the EMA."""
+    estimate = _to_cpu_float(estimate)
+    return estimate if ema is None else (1 - smoothing) * ema + smoothing * estimate
+
+
 def _tensor_or_none(values: list[float] | None) -> torch.Tensor | None:
     return None if values is None else torch.tensor(values, dtype=torch.float32)
 
@@ -110,17 +116,12 @@ class LogBarrierMultipliers(Multipliers):
         ``estimate`` is this (micro-)batch's ``(K,)`` Monte-Carlo estimate, blended into the EMA as :meth:`update_`
         will fold it in (it seeds the EMA when no constraint step has run yet).
         """
-        estimate = estimate.detach().float().cpu()
-        ema = estimate if self.ema is None else (1 - self.ema_smoothing) * self.ema + self.ema_smoothing * estimate
+        ema = _ema_step(self.ema, estimate, self.ema_smoothing)
         return implied_multipliers(ema, self.mu(step, total_steps))
 
     def update_(self, estimate: torch.Tensor) -> None:
         """Fold one optimizer step's ``(K,)`` estimate of :math:`C` into the EMA."""
-        estimate = estimate.detach().float().cpu()
-        if self.ema is None:
-            self.ema = estimate.clone()
-        else:
-            self.ema = (1 - self.ema_smoothing) * self.ema + self.ema_smoothing * estimate
+        self.ema = _ema_step(self.ema, estimate, self.ema_smoothing)
 
     def state_dict(self) -> dict:
         return {"ema": None if self.ema is None else self.ema.tolist()}
@@ -204,10 +205,7 @@ class DualAscentMultipliers(Multipliers):
         if self.lam is None:
             self.lam = self._initial(estimate.numel())
             self.log_lam = self.lam.log() if self.log_parametrization else None
-        if self.ema is None:
-            self.ema = estimate
-        else:
-            self.ema = (1 - self.ema_smoothing) * self.ema + self.ema_smoothing * estimate
+        self.ema = _ema_step(self.ema, estimate, self.ema_smoothing)
         self.num_updates += 1
         if self.num_updates <= self.warmup_steps:
             return
