@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from l3m.config import L3MConfig
-from l3m.constraints import Constraint, compute_rewards, parse_constraints, violations
+from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
+                             violations)
 from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError
 from l3m.multipliers import LogBarrierMultipliers, build_multipliers
@@ -160,7 +161,8 @@ class L3MTrainer(Trainer):
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
         rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids)
-        local_violations = violations(self.bounds, rewards).to(completions.sequences.device)  # (N, K)
+        device = completions.sequences.device
+        local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
 
         # The estimate that drives the multipliers is reduced across processes first.
         all_violations = self.accelerator.gather(local_violations)
@@ -168,22 +170,23 @@ class L3MTrainer(Trainer):
         multipliers = self.multipliers.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._pending_estimates.append(estimate.detach().cpu())
 
-        advantages = constraint_advantages(local_violations, multipliers.to(local_violations.device),
-                                           args.reinforce_baseline, group_size=args.num_generations)
+        # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
+        advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
+                                           multipliers.to(device), args.reinforce_baseline,
+                                           group_size=args.num_generations)
         loss = reinforce_loss(advantages, completion_logps(model, completions))
 
-        lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32,
-                               device=local_violations.device)
+        lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32, device=device)
         self._metrics["completions/mean_length"].append(self.accelerator.gather(lengths).mean().item())
         self._metrics["completions/truncated_frac"].append(
             self.accelerator.gather(completions.truncated.float()).mean().item())
+        satisfied = self.accelerator.gather(satisfied_mask(self.bounds, rewards).float().to(device))  # (N, K)
         for i, bound in enumerate(self.bounds):
             self._metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
             self._metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
-            self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(
-                (all_violations[:, i] <= 0).float().mean().item())
+            self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[:, i].mean().item())
         for name, values in rewards.items():
-            gathered = self.accelerator.gather(values.to(local_violations.device))
+            gathered = self.accelerator.gather(values.to(device))
             self._metrics[f"rewards/{name}/mean"].append(gathered.mean().item())
         return loss
 
@@ -201,6 +204,7 @@ class L3MTrainer(Trainer):
             if self.multipliers.estimate is not None:
                 for bound, value in zip(self.bounds, self.multipliers.estimate.tolist()):
                     logs[f"constraints/{bound.name}/ema"] = value
+            logs.update(self.multipliers.log_values([b.name for b in self.bounds]))
             self._metrics.clear()
         super().log(logs, start_time)
 
