@@ -42,6 +42,12 @@ def is_constraint_step(seed: int, step: int, objective_step_probability: float =
     return random.Random(f"l3m-coin-{seed}-{step}").random() >= objective_step_probability
 
 
+def objective_step_count(seed: int, max_steps: int, objective_step_probability: float = 0.5) -> int:
+    """How many of ``max_steps`` optimizer steps the coin makes objective steps (an SFT run with as many steps
+    takes the same number of task-objective steps as a constrained run)."""
+    return sum(not is_constraint_step(seed, step, objective_step_probability) for step in range(max_steps))
+
+
 class L3MTrainer(Trainer):
     """Fine-tune a causal LM on task data subject to reward constraints, with the L3M log barrier.
 
