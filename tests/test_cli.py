@@ -207,7 +207,7 @@ def test_there_are_example_configs():
 def test_example_config_parses(path):
     if os.path.basename(path).startswith("compare"):  # a compare config: shared fields plus its methods
         plans, (script_args, training_args, model_args), _ = plan_comparison(["--config", path])
-        assert {plan[2].solver for plan in plans} == {"sft", "l3m", "mm", "dual"}
+        assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "dual"}
     else:
         script_args, training_args, model_args, _ = parse_config(["--config", path])
     assert model_args.model_name_or_path and script_args.dataset_name

@@ -71,7 +71,7 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
 def test_sft_matches_the_objective_steps_of_the_constrained_methods(assets, tmp_path):
     config = _compare_yaml(assets, tmp_path / "compare.yaml", max_steps=10)
     plans, _, _ = plan_comparison(["--config", config, "--seed", "3"])
-    steps = {plan[0].name: plan[2].max_steps for plan in plans}
+    steps = {method.name: args.max_steps for method, args, _ in plans}
     assert steps["SFT"] == objective_step_count(3, 10) < 10
     assert all(steps[name] == 10 for name in NAMES[1:])
 
@@ -101,6 +101,9 @@ def test_a_failing_method_is_reported_and_the_others_still_run(assets, tmp_path,
     ([{"name": "MM", "solver": "mm", "sweep": {"lr": [1]}}], r"^methods\[MM\]\.sweep: unknown field 'lr'"),
     ([{"name": "A", "solver": "mm"}, {"name": "A", "solver": "l3m"}], r"^methods: duplicated name\(s\) \['A'\]"),
     ([{"name": "PPO", "solver": "ppo"}], r"^methods\[PPO\]: solver: must be one of l3m, mm, dual, sft"),
+    ([{"name": "L3M", "solver": "l3m", "constraints": [{"reward": "length_tokens", "max": 3}]}],
+     r"^methods\[L3M\]: \['constraints'\] must be the same for every method; set them at the top level"),
+    ([{"name": "MM", "solver": "mm", "sweep": {"test_size": [4, 8]}}], r"^methods\[MM\]: \['test_size'\] must be"),
     ([{"name": "MM", "solver": "mm", "sweep": {"dual_lr": [0.1, -1]}}],
      r"^methods\[MM \(dual_lr=-1\)\]: dual_lr: must be >= 0"),
 ])

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from l3m.errors import L3MConfigError
 
 METHOD_KEYS = {"name", "sweep", "match_objective_steps"}
+SHARED_ONLY = {"constraints", "dataset_name", "dataset_config", "dataset_train_split", "dataset_validation_split",
+               "dataset_test_split", "validation_size", "test_size", "max_train_samples"}
 
 
 @dataclass
@@ -67,6 +69,10 @@ def expand_methods(entries, fields: set[str]) -> list[Method]:
         if not isinstance(sweep, dict):
             raise L3MConfigError(f"{where}.sweep: expected a mapping of field names to lists of values, e.g. "
                                  "{dual_lr: [0.05, 0.5]}")
+        shared_only = sorted(SHARED_ONLY & (set(overrides) | set(sweep)))
+        if shared_only:
+            raise L3MConfigError(f"{where}: {shared_only} must be the same for every method; set them at the top "
+                                 "level of the config")
         for key, values in sweep.items():
             if key not in fields:
                 raise L3MConfigError(f"{where}.sweep: unknown field {key!r}; see `l3m train --help`")
@@ -90,7 +96,8 @@ def expand_methods(entries, fields: set[str]) -> list[Method]:
 def plan_comparison(argv: list[str]):
     """Parse and validate a compare config (``--config`` plus ``--field value`` flags for the shared fields) and
     build every method's configuration before anything is trained. Returns ``(plans, shared_args, eval_tokens)``:
-    ``plans`` are ``(method, script_args, training_args, model_args)``; ``shared_args`` the shared configs."""
+    ``plans`` are ``(method, training_args, model_args)``; ``shared_args`` the shared ``(script_args,
+    training_args, model_args)``: the data and the constraints are the same for every method."""
     from l3m.cli import build_configs, parse_config_values
     from l3m.demo import slug
     from l3m.trainer import objective_step_count
@@ -115,10 +122,10 @@ def plan_comparison(argv: list[str]):
             merged["max_steps"] = objective_step_count(merged["seed"], merged["max_steps"],
                                                        merged["objective_step_probability"])
         try:
-            script_args, training_args, model_args = build_configs(merged)
+            _, training_args, model_args = build_configs(merged)
         except L3MConfigError as err:
             raise L3MConfigError(f"methods[{method.name}]: {err}") from err
-        plans.append((method, script_args, training_args, model_args))
+        plans.append((method, training_args, model_args))
     return plans, shared, eval_tokens
 
 
@@ -140,7 +147,7 @@ def run_comparison(argv: list[str]) -> dict:
           f"constraints: {describe_constraints(constraints)}", flush=True)
     started = time.time()
     records = []
-    for index, (method, run_script_args, run_args, run_model_args) in enumerate(plans, start=1):
+    for index, (method, run_args, run_model_args) in enumerate(plans, start=1):
         prefix = f"[{index}/{len(plans)}] {method.name}"
         print(f"\n{prefix}: solver {run_args.solver}, training {run_args.max_steps} steps", flush=True)
         record = {"name": method.name, "solver": run_args.solver, "overrides": method.overrides,
