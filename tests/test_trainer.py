@@ -216,6 +216,21 @@ def test_baselines_satisfy_a_violated_length_constraint(tmp_path, solver):
         assert all(lam == trainer.multipliers.history[int(t)][0] for t, lam in iterates)
 
 
+def test_mm_dual_lr_only_matters_below_the_gradient_clip(tmp_path):
+    """λ scales with dual_lr (the projected update commutes with scaling), and a clipped constraint step does not
+    see the scale: above the clip threshold two dual learning rates give the same run; far below it, another run."""
+    constraint = [Constraint("length_tokens", min=2, max=5, name="length")]
+    runs = {}
+    for lr in (0.2, 20.0, 2e-4):  # built and trained in turn: the Trainer seeds the RNGs when it is built
+        runs[lr] = _trainer(tmp_path / str(lr), constraints=constraint, max_steps=16, solver="mm", dual_lr=lr)
+        runs[lr].train()
+    torch.testing.assert_close(runs[20.0].multipliers.lam, 100 * runs[0.2].multipliers.lam)
+    assert runs[0.2].multipliers.lam.max() > 0
+    weights = {lr: torch.cat([p.detach().flatten() for p in t.model.parameters()]) for lr, t in runs.items()}
+    assert (weights[0.2] - weights[20.0]).abs().max() < 1e-5
+    assert (weights[0.2] - weights[2e-4]).abs().max() > 1e-3
+
+
 def test_sft_solver_ignores_the_constraints(tmp_path):
     trainer = _trainer(tmp_path, constraints=[Constraint("length_tokens", max=5, name="length")], solver="sft",
                        max_steps=6)
