@@ -18,6 +18,7 @@ The YAML holds the fields of ``l3m train`` (shared by all methods) plus::
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import re
@@ -163,6 +164,7 @@ def run_comparison(argv: list[str]) -> dict:
             print(f"{prefix}: FAILED: {record['error']}", flush=True)
             traceback.print_exc(file=sys.stderr)
         records.append(record)
+        gc.collect()  # free the method's model before the next one loads (and its peak memory is measured)
         write_json(os.path.join(output_dir, "results.json"), _results(argv, eval_tokens, records))
 
     figures = plot_comparison(records, constraints, output_dir)
