@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from fixtures.tiny import build_model, build_tokenizer
-from l3m.sampling import completion_logps, sample_completions
+from l3m.sampling import completion_logps, response_nll, sample_completions
 
 
 def _prompts(tokenizer):
@@ -49,3 +49,17 @@ def test_shared_prompt_logps_and_gradients_equal_whole_sequence_ones():
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_response_nll_over_response_positions_only_equals_the_full_computation():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 0], [5, 6, 12, 13, 14, 15, 16, 17]])
+    mask = (ids != 0).long()
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]  # response starts at 4
+    labels[1, 3:] = ids[1, 3:]  # response starts at 3: the output layer runs from position 2 on
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+    expected = token_nll.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1)
+    torch.testing.assert_close(response_nll(model, ids, mask, labels), expected)

@@ -153,11 +153,14 @@ def completion_logps(model, completions: Completions) -> torch.Tensor:
 def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     r"""Length-normalized NLL :math:`l_\theta(y|x)` of the response tokens (``labels != -100``), shape ``(B,)``.
 
-    This is the per-example objective of Eq. (1)/(3); prompt and padding tokens are masked out.
+    This is the per-example objective of Eq. (1)/(3); prompt and padding tokens are masked out. The output layer runs
+    only from the first position that predicts a response token on (``logits_to_keep``), not over the prompts.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    mask = labels[:, 1:] != -100
+    start = int(mask.any(dim=0).int().argmax())  # position of the earliest logit that predicts a response token
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=input_ids.shape[1] - start).logits
     logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != -100
+    targets, mask = labels[:, start + 1:], mask[:, start:]
     nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
     return -length_normalized_logps(-nll, mask)
