@@ -20,6 +20,10 @@ Model FLOPs per step (the usual ``6 * params * tokens`` convention, counting wor
 objective step ``6 N T``; a sampling step ``2 N T`` to generate plus ``6 N T`` to train (``+ 2 N T`` for TRL's
 reference forward with ``beta > 0``), with ``N`` parameters and ``T`` the prompt plus response tokens of the step.
 Tokens/s: trained tokens per second for objective steps, sampled response tokens per second for sampling steps.
+
+Times are CPU seconds of the worker process (``time.process_time``), not wall time: on a machine shared with other
+jobs (which may also pause processes) CPU time is what a step costs; with ``--threads 1`` (the default) it equals
+the wall time of an unshared core. The wall-clock median is kept in the JSON output (``wall_s``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--beta", type=float, default=0.04, help="TRL's KL coefficient for the beta>0 row")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration (default 1)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -90,16 +94,17 @@ def _model_and_data(args):
 
 
 class StepTimer(TrainerCallback):
-    """Times optimizer steps and keeps each step's logged metrics (``logging_steps=1``)."""
+    """Times optimizer steps (CPU time of the process, and wall time) and keeps each step's logged metrics."""
 
     def __init__(self):
-        self.times, self.logs, self._start = [], [], None
+        self.times, self.wall_times, self.logs, self._start = [], [], [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = (time.process_time(), time.perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(time.process_time() - self._start[0])
+        self.wall_times.append(time.perf_counter() - self._start[1])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs or {}))
@@ -126,6 +131,7 @@ def _step_result(args, timer, data, model, sampling: bool, extra_forward: bool =
     return {
         "step_s": statistics.median(times),
         "step_s_all": times,
+        "wall_s": statistics.median(timer.wall_times[timed]),
         "tokens_per_s": statistics.median(n / t for t, n, _ in per_step[timed]),
         "flops_per_s": statistics.median(f / t for t, _, f in per_step[timed]),
         "params": params,
@@ -220,18 +226,17 @@ def run_matmul(args, size: int = 2048, repeats: int = 5, per_repeat: int = 8) ->
     torch.matmul(a, b)
     best = 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(per_repeat):
             torch.matmul(a, b)
-        best = max(best, per_repeat * 2 * size**3 / (time.perf_counter() - start))
+        best = max(best, per_repeat * 2 * size**3 / (time.process_time() - start))
     return {"flops_per_s": best, "size": size, "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
 
 
 def worker(args) -> dict:
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     runs = {
         "matmul": lambda: run_matmul(args),
         "l3m-objective": lambda: run_l3m(args, "objective"),
@@ -265,7 +270,8 @@ def model_folder(args, scratch: str) -> str:
 def run_config(name: str, args, path: str, argv: list[str]) -> dict:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--model-path", path]
     started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -280,7 +286,7 @@ LABELS = {"l3m-objective": "l3m objective step", "l3m-constraint": "l3m constrai
 
 def format_table(results: dict, args) -> str:
     peak = results.get("matmul", {}).get("flops_per_s")
-    header = (f"{'configuration':<26} {'models':>6} {'step s':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} "
+    header = (f"{'configuration':<26} {'models':>6} {'CPU s':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} "
               f"{'peak RSS MB':>12} {'above imports':>14}")
     lines = [header, "-" * len(header)]
     for name in CONFIGS:
