@@ -13,7 +13,8 @@ per prompt, the same sampling settings and cap on new tokens, float32, no gradie
   ``beta > 0`` TRL holds a reference model for the KL term.
 - ``PPO-Lag models``: the models a PPO-Lagrangian run (Safe-RLHF) keeps resident, loaded from the same checkpoint:
   policy and reference (causal LMs), reward and cost models and their two critics (sequence-classification heads),
-  plus AdamW states of the three trained ones (policy, two critics). Activations are not included: a lower bound.
+  each run once on 8 tokens (so that their weights are resident), plus gradients and AdamW states of the three
+  trained ones (policy, two critics). No step is run: a lower bound on a PPO-Lag step's memory.
 - ``matmul peak``: the best FLOP/s of ``torch.matmul`` on large float32 matrices, the machine's practical peak.
 
 Model FLOPs per step (the usual ``6 * params * tokens`` convention, counting work as if nothing were shared):
@@ -207,6 +208,12 @@ def run_ppo_lag(args) -> dict:
     heads = [AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=1, dtype=torch.float32)
              for _ in range(4)]  # reward, cost, reward critic, cost critic
     models = [policy, reference, *heads]
+    # Weights may be memory-mapped from the checkpoint and only become resident when read: one small forward each
+    # (a PPO-Lag step runs all six) makes them resident.
+    tokens = torch.randint(0, policy.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        for model in models:
+            model(input_ids=tokens)
     loaded = peak_rss_mb()
     trained = [policy, heads[2], heads[3]]
     for model in trained:
