@@ -1,4 +1,5 @@
-"""Where the time of one L3M constraint step goes: phases (sampling, log-prob forward, backward) and top operators.
+"""Where the time of one L3M constraint step goes: phases (sampling, log-prob forward, backward; CPU seconds of
+this process) and top operators.
 
     python benchmarks/profile_constraint_step.py            # the demo model, B=4 prompts x G=4 samples, 24 tokens
     python benchmarks/profile_constraint_step.py --whole    # without sharing each prompt's prefix (for comparison)
@@ -45,17 +46,17 @@ def main() -> None:
 
     def step() -> dict:
         times = {}
-        start = time.perf_counter()
+        start = time.process_time()
         completions = sample_completions(model, prompt_ids, prompt_mask, eos_ids(tokenizer, model),
                                          tokenizer.pad_token_id, num_generations=group,
                                          max_new_tokens=args.max_completion_length)
-        times["sampling"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["sampling"] = time.process_time() - start
+        start = time.process_time()
         logps = completion_logps(model, dataclasses.replace(completions, group_size=group))
-        times["log-prob forward"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["log-prob forward"] = time.process_time() - start
+        start = time.process_time()
         logps.mean().backward()
-        times["backward"] = time.perf_counter() - start
+        times["backward"] = time.process_time() - start
         model.zero_grad()
         return times
 
