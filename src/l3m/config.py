@@ -57,6 +57,13 @@ class L3MConfig(TrainingArguments):
 
     num_generations, max_completion_length, temperature, top_p, top_k.
 
+    > Reliability (docs/reliability.md)
+
+    max_consecutive_skipped_steps (`int`, defaults to `5`): optimizer steps in a row skipped for a non-finite loss,
+        gradient or reward after which training stops (with a checkpoint of the last good weights).
+    infeasibility_patience (`int`, defaults to `100`): constraint steps in a row a constraint's smoothed value may stay
+        violated before it is reported as possibly infeasible.
+
     > Data
 
     max_length (`int`, defaults to `512`): examples whose prompt plus response exceed it are dropped (App. A).
@@ -136,6 +143,16 @@ class L3MConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only)."})
+    max_consecutive_skipped_steps: int = field(
+        default=5,
+        metadata={"help": "Stop training (saving a checkpoint of the last good weights) after this many optimizer "
+                          "steps in a row were skipped for a non-finite loss, gradient or reward."},
+    )
+    infeasibility_patience: int = field(
+        default=100,
+        metadata={"help": "Warn that a constraint may be infeasible when its smoothed value stays violated (its "
+                          "multiplier at the cap) for this many constraint steps in a row."},
+    )
     max_length: int = field(
         default=512, metadata={"help": "Examples whose prompt plus response exceed this many tokens are dropped."}
     )
@@ -180,6 +197,10 @@ class L3MConfig(TrainingArguments):
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _check(self.max_consecutive_skipped_steps >= 1, "max_consecutive_skipped_steps",
+               f"must be >= 1, got {self.max_consecutive_skipped_steps}")
+        _check(self.infeasibility_patience >= 1, "infeasibility_patience",
+               f"must be >= 1, got {self.infeasibility_patience}")
         _check(self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
         _check(not self.remove_unused_columns, "remove_unused_columns",
