@@ -5,7 +5,8 @@ YAML keys equal the field names; ``l3m train --config run.yaml --key value`` ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -172,6 +173,7 @@ class L3MConfig(TrainingArguments):
             except yaml.YAMLError as err:
                 raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
         self.parsed_constraints = parse_constraints(self.constraints)
+        self._check_types()
         _check(self.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
         _check(0 < self.mu_final < self.mu_init, "mu_final",
@@ -203,9 +205,32 @@ class L3MConfig(TrainingArguments):
                f"must be >= 1, got {self.infeasibility_patience}")
         _check(self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
+        _check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",
+               f"must be >= 1, got {self.per_device_train_batch_size}")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+               f"must be >= 1, got {self.gradient_accumulation_steps}")
         _check(not self.remove_unused_columns, "remove_unused_columns",
                "must be False: the trainer needs its prompt and completion columns")
         super().__post_init__()
+
+    def _check_types(self) -> None:
+        """The fields this class declares hold values of their type (ints may stand for floats); floats are finite."""
+        for f in fields(L3MConfig):
+            if f.name not in L3MConfig.__annotations__ or f.type not in _SCALAR_TYPES:
+                continue
+            value, (expected, description) = getattr(self, f.name), _SCALAR_TYPES[f.type]
+            if value is None and f.type.endswith("| None"):
+                continue
+            if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+                raise L3MConfigError(f"{f.name}: expected {description}, got {value!r}")
+            if float in expected and not isinstance(value, bool):
+                _check(math.isfinite(value), f.name, f"expected a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
+
+
+# the annotations of L3MConfig's scalar fields: accepted Python types, and how an error names them
+_SCALAR_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+                 "float": ((int, float), "a number"), "float | None": ((int, float), "a number or null")}
 
 
 @dataclass
