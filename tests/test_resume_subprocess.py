@@ -2,7 +2,7 @@
 
 A run killed with SIGKILL at an arbitrary moment, or stopped with SIGTERM, resumes from its last complete checkpoint
 with ``--resume_from_checkpoint true`` and ends with the same weights, bit for bit on CPU, as a run that was never
-interrupted. The killed or signalled run is a subprocess; the uninterrupted and the resumed runs run in-process (one
+interrupted (the SIGTERM test is marked slow). The killed or signalled run is a subprocess; the uninterrupted and the resumed runs run in-process (one
 interpreter start less), with the subprocess on the same number of threads.
 """
 
@@ -103,6 +103,7 @@ def test_kill_9_at_any_moment_then_resume_gives_the_same_weights(setup):
     assert not [name for name in os.listdir(run_dir) if name.startswith("tmp-")]
 
 
+@pytest.mark.slow  # 20 s; test_reliability.py sends a real SIGTERM to the test process in the default suite
 def test_sigterm_saves_a_checkpoint_and_stops_then_resume_gives_the_same_weights(setup):
     config = setup["config"]("terminated")
     run_dir = setup["root"] / "terminated"
