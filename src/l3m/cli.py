@@ -29,7 +29,7 @@ def _parser_for_configs():
             raise L3MConfigError(message.replace("argument --", "").replace("/--", " (--", 1).replace(":", "):", 1)
                                  if message.startswith("argument --") else message)
 
-    return _Parser((ScriptArguments, L3MConfig, ModelConfig))
+    return _Parser((ScriptArguments, L3MConfig, ModelConfig), allow_abbrev=False)  # a typo must not set a field
 
 
 def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
