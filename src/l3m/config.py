@@ -288,6 +288,11 @@ def load_yaml_config(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError as err:
         raise L3MConfigError(f"--config: no such file {path!r}") from err
+    except OSError as err:
+        raise L3MConfigError(f"--config: cannot read {path!r} ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise L3MConfigError(f"--config: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                             f"{err.start}); re-save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise L3MConfigError(f"--config: {path} is not valid YAML ({err})") from err
     if not isinstance(data, dict):
