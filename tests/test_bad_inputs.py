@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from fixtures.tiny import build_model, build_tokenizer, make_examples
+from fixtures.tiny import make_examples, save_model_and_data
 from l3m.cli import main
 
 PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+.*/s\]$")
@@ -41,10 +41,7 @@ def always_nan(completions, **kwargs):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(root / "model")
-    build_model(tokenizer).save_pretrained(root / "model")
-    _write_rows(root / "data.jsonl", make_examples(32, 8, 12, seed=0))
+    save_model_and_data(root, 32)
     (root / f"{REWARDS_MODULE}.py").write_text(REWARDS_SOURCE)
     sys.path.insert(0, str(root))
     yield root

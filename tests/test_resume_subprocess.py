@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 import l3m
-from fixtures.tiny import build_model, build_tokenizer, make_examples
+from fixtures.tiny import save_model_and_data
 from l3m.checkpoints import SOLVER_STATE_NAME, TRAINER_STATE_NAME
 from l3m.cli import main
 
@@ -31,15 +31,10 @@ SRC = os.path.dirname(os.path.dirname(os.path.abspath(l3m.__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(root / "model")
-    build_model(tokenizer).save_pretrained(root / "model")
-    with open(root / "data.jsonl", "w", encoding="utf-8") as f:
-        for example in make_examples(48, 8, 12, seed=0):
-            f.write(json.dumps(example) + "\n")
+    model, data = save_model_and_data(root, 48)
 
     def config(name: str) -> str:
-        values = dict(model_name_or_path=str(root / "model"), dataset_name=str(root / "data.jsonl"),
+        values = dict(model_name_or_path=model, dataset_name=data,
                       constraints=[{"name": "length", "reward": "length_tokens", "min": 2, "max": 5}],
                       max_steps=16, per_device_train_batch_size=4, num_generations=2, max_completion_length=16,
                       max_length=128, learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=2,
