@@ -69,10 +69,11 @@ def test_a_save_killed_midway_is_never_taken_for_a_checkpoint(tmp_path, monkeypa
         original(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_rng_state", dies_at_step_4)
-    crashed = _trainer(tmp_path, save_strategy="steps", save_steps=2)
+    crashed = _trainer(tmp_path, save_strategy="steps", save_steps=2, save_total_limit=1)
     with pytest.raises(RuntimeError, match="killed while saving"):
         crashed.train()
     run_dir = tmp_path / "run"
+    # checkpoint-2 is still there: old checkpoints are rotated only once the new one is complete
     assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "tmp-checkpoint-4"]
     assert (run_dir / "tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
     assert last_complete_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-2")

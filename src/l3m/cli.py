@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 
 from l3m.errors import L3MConfigError, L3MError, L3MTrainingStopped
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except L3MError as err:
         print(f"l3m: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it: stop at once, quietly
+        print("l3m: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
