@@ -28,7 +28,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from l3m.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
                              last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
 from l3m.config import L3MConfig
-from l3m.constraints import Constraint, compute_rewards, parse_constraints, violations
+from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
+                             violations)
 from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError, L3MTrainingStopped
 from l3m.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
@@ -46,6 +47,12 @@ def is_constraint_step(seed: int, step: int, objective_step_probability: float =
     reproducible, and restored by a resumed run without any saved RNG state.
     """
     return random.Random(f"l3m-coin-{seed}-{step}").random() >= objective_step_probability
+
+
+def objective_step_count(seed: int, max_steps: int, objective_step_probability: float = 0.5) -> int:
+    """How many of ``max_steps`` optimizer steps the coin makes objective steps (an SFT run with as many steps
+    takes the same number of task-objective steps as a constrained run)."""
+    return sum(not is_constraint_step(seed, step, objective_step_probability) for step in range(max_steps))
 
 
 class L3MTrainer(Trainer):
@@ -203,7 +210,8 @@ class L3MTrainer(Trainer):
         nonfinite = [name for name, values in rewards.items() if not torch.isfinite(values).all()]
         if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.guards)
             self.guard.flag(f"reward of {', '.join(nonfinite)}")
-        local_violations = violations(self.bounds, rewards).to(completions.sequences.device)  # (N, K)
+        device = completions.sequences.device
+        local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
 
         # The estimate that drives the multipliers is reduced across processes first.
         all_violations = self.accelerator.gather(local_violations)
@@ -212,22 +220,23 @@ class L3MTrainer(Trainer):
         self._step_multipliers = multipliers
         self._pending_estimates.append(estimate.detach().cpu())
 
-        advantages = constraint_advantages(local_violations, multipliers.to(local_violations.device),
-                                           args.reinforce_baseline, group_size=args.num_generations)
+        # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
+        advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
+                                           multipliers.to(device), args.reinforce_baseline,
+                                           group_size=args.num_generations)
         loss = reinforce_loss(advantages, completion_logps(model, completions))
 
-        lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32,
-                               device=local_violations.device)
+        lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32, device=device)
         self._metrics["completions/mean_length"].append(self.accelerator.gather(lengths).mean().item())
         self._metrics["completions/truncated_frac"].append(
             self.accelerator.gather(completions.truncated.float()).mean().item())
+        satisfied = self.accelerator.gather(satisfied_mask(self.bounds, rewards).float().to(device))  # (N, K)
         for i, bound in enumerate(self.bounds):
             self._metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
             self._metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
-            self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(
-                (all_violations[:, i] <= 0).float().mean().item())
+            self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[:, i].mean().item())
         for name, values in rewards.items():
-            gathered = self.accelerator.gather(values.to(local_violations.device))
+            gathered = self.accelerator.gather(values.to(device))
             self._metrics[f"rewards/{name}/mean"].append(gathered.mean().item())
         return loss
 
@@ -246,6 +255,7 @@ class L3MTrainer(Trainer):
                 for bound, value in zip(self.bounds, self.multipliers.estimate.tolist()):
                     logs[f"constraints/{bound.name}/ema"] = value
             logs["train/skipped_steps"] = self.guard.skipped
+            logs.update(self.multipliers.log_values([b.name for b in self.bounds]))
             self._metrics.clear()
         super().log(logs, start_time)
 
