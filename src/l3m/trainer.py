@@ -31,6 +31,7 @@ from l3m.config import L3MConfig
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              violations)
 from l3m.data import CompletionCollator, prepare_dataset
+from l3m.distributed import check_launch, process_local_sampling
 from l3m.errors import L3MConfigError, L3MTrainingStopped
 from l3m.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.multipliers import LogBarrierMultipliers, build_multipliers
@@ -82,6 +83,7 @@ class L3MTrainer(Trainer):
         args = args if args is not None else L3MConfig(output_dir="l3m-output")
         if not isinstance(args, L3MConfig):
             raise L3MConfigError("args: expected an l3m.L3MConfig (it carries the solver's fields)")
+        check_launch(args)
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if processing_class is None:
@@ -192,18 +194,19 @@ class L3MTrainer(Trainer):
     def _constraint_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """Eq. (11)-(12): REINFORCE on ``sum_i multiplier_i * C_i`` over responses sampled from the current policy."""
         args = self.args
-        completions = sample_completions(
-            self.accelerator.unwrap_model(model),
-            inputs["prompt_input_ids"],
-            inputs["prompt_attention_mask"],
-            stop_ids=self.stop_ids,
-            pad_token_id=self.processing_class.pad_token_id,
-            num_generations=args.num_generations,
-            max_new_tokens=args.max_completion_length,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-        )
+        with process_local_sampling(self.accelerator):
+            completions = sample_completions(
+                self.accelerator.unwrap_model(model),
+                inputs["prompt_input_ids"],
+                inputs["prompt_attention_mask"],
+                stop_ids=self.stop_ids,
+                pad_token_id=self.processing_class.pad_token_id,
+                num_generations=args.num_generations,
+                max_new_tokens=args.max_completion_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+            )
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
         rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids, allow_nonfinite=True)
@@ -213,7 +216,8 @@ class L3MTrainer(Trainer):
         device = completions.sequences.device
         local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
 
-        # The estimate that drives the multipliers is reduced across processes first.
+        # The estimate that drives the multipliers is reduced across processes first: every process holds the same
+        # estimate (the mean over all processes' responses), multipliers and EMA.
         all_violations = self.accelerator.gather(local_violations)
         estimate = all_violations.mean(dim=0)
         multipliers = self.multipliers.multipliers(self.state.global_step, self.state.max_steps, estimate)
