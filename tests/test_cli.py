@@ -11,27 +11,12 @@ import re
 import pytest
 import yaml
 
-from fixtures.tiny import build_model, build_tokenizer, make_examples
 from l3m.cli import main, parse_config
+from l3m.compare import plan_comparison
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml")))
 LENGTH = {"name": "length", "reward": "length_tokens", "min": 2, "max": 5}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """The tiny model and tokenizer saved as a model folder, and a JSONL file of ``messages`` conversations."""
-    root = tmp_path_factory.mktemp("cli_assets")
-    model_dir = root / "tiny-model"
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(model_dir)
-    build_model(tokenizer).save_pretrained(model_dir)
-    data = root / "data.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for example in make_examples(64, 8, 12, seed=0):
-            f.write(json.dumps(example) + "\n")
-    return {"root": root, "model": str(model_dir), "data": str(data)}
 
 
 def _values(assets, output_dir, **overrides) -> dict:
@@ -220,7 +205,11 @@ def test_there_are_example_configs():
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=os.path.basename)
 def test_example_config_parses(path):
-    script_args, training_args, model_args, _ = parse_config(["--config", path])
+    if os.path.basename(path).startswith("compare"):  # a compare config: shared fields plus its methods
+        plans, (script_args, training_args, model_args), _ = plan_comparison(["--config", path])
+        assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "dual"}
+    else:
+        script_args, training_args, model_args, _ = parse_config(["--config", path])
     assert model_args.model_name_or_path and script_args.dataset_name
     assert training_args.max_steps > 0 and training_args.output_dir
     with open(path, encoding="utf-8") as f:

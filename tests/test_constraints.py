@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from l3m.constraints import Bound, Constraint, compute_rewards, parse_constraints, violations
+from l3m.constraints import (Bound, Constraint, compute_rewards, parse_constraints, satisfied_mask,
+                             surrogate_violations, violations)
+from l3m.reinforce import constraint_advantages
 from l3m.errors import L3MConfigError
 from l3m.rewards import REWARD_REGISTRY, length_chars, length_tokens, length_words, resolve_reward
 
@@ -118,9 +120,99 @@ def test_non_numeric_max():
 
 
 def test_unknown_kind():
-    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.kind: unknown kind 'uniform'"):
-        parse_constraints([{"name": "len", "reward": "length_words", "min": 1, "kind": "uniform"}])
+    with pytest.raises(L3MConfigError, match=r"^constraints\[len\]\.kind: unknown kind 'almost_sure'; supported: "
+                                             r"expectation, chance, uniform"):
+        parse_constraints([{"name": "len", "reward": "length_words", "min": 1, "kind": "almost_sure"}])
     assert parse_constraints([{"reward": "length_words", "min": 1, "kind": "expectation"}])[0].kind == "expectation"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# constraint kinds (Sec. 4.1): chance and uniform
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bounds(kind: str, **options):
+    (c,) = parse_constraints([{"name": "len", "reward": "length_words", "min": 3, "max": 8, "kind": kind, **options}])
+    return c, c.bounds()
+
+
+def test_chance_values_are_the_indicator_against_one_minus_epsilon():
+    c, bounds = _bounds("chance", epsilon=0.25)
+    rewards = {"len": torch.tensor([1.0, 3.0, 5.0, 8.0, 12.0])}
+    got = violations(bounds, rewards)
+    # min side meets r >= 3 for the last four; max side meets r <= 8 for the first four: c = 0.75 - 1{met}
+    torch.testing.assert_close(got[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25, -0.25]))
+    torch.testing.assert_close(got[:, 1], torch.tensor([-0.25, -0.25, -0.25, -0.25, 0.75]))
+    # the mean is (1 - eps) - P[met]: 0.75 - 4/5 = -0.05 <= 0 on both sides, so the chance constraint holds
+    torch.testing.assert_close(got.mean(dim=0), torch.tensor([-0.05, -0.05]))
+    assert c.is_met_by(rewards["len"])
+    assert satisfied_mask(bounds, rewards).tolist() == [[False, True], [True, True], [True, True], [True, True],
+                                                        [True, False]]
+    # 2 of 4 samples fail the min side: P = 1/2 < 1 - 0.25
+    assert not c.is_met_by(torch.tensor([1.0, 2.0, 4.0, 5.0]))
+
+
+def test_chance_surrogate_has_a_signal_when_every_sample_fails():
+    c, bounds = _bounds("chance", epsilon=0.1, indicator_temperature=2.0)
+    rewards = {"len": torch.tensor([9.0, 12.0, 20.0, 30.0])}  # all above max 8: every sample fails the max side
+    values = violations(bounds, rewards)[:, 1]
+    torch.testing.assert_close(values, torch.full((4,), 0.9))  # the indicator cannot tell the samples apart ...
+    advantages = constraint_advantages(values[:, None], torch.tensor([1.0]), "leave_one_out")
+    torch.testing.assert_close(advantages, torch.zeros(4))  # ... so its REINFORCE estimate is zero
+    surrogate = surrogate_violations(bounds, rewards)[:, 1]
+    # c~ = 0.9 - sigmoid((8 - r) / 2): the sample closest to the bound is the least violating
+    torch.testing.assert_close(surrogate, 0.9 - torch.sigmoid((8.0 - rewards["len"]) / 2.0))
+    assert surrogate.tolist() == sorted(surrogate.tolist())
+    advantages = constraint_advantages(surrogate[:, None], torch.tensor([1.0]), "leave_one_out")
+    assert advantages[0] < 0 < advantages[-1]  # the gradient step raises the shortest sample's probability most
+    # the surrogate tends to the indicator as the temperature goes to 0 (away from the bound)
+    (sharp,) = parse_constraints([{"name": "s", "reward": "length_words", "max": 8, "kind": "chance", "epsilon": 0.1,
+                                   "indicator_temperature": 1e-3}])
+    r = torch.tensor([2.0, 7.0, 9.0, 30.0])
+    torch.testing.assert_close(sharp.bounds()[0].surrogate(r), sharp.bounds()[0].values(r))
+
+
+def test_uniform_values_are_the_mean_shortfall_minus_delta():
+    c, bounds = _bounds("uniform")
+    assert c.delta == 0.0
+    rewards = {"len": torch.tensor([1.0, 3.0, 5.0, 8.0, 12.0])}
+    got = violations(bounds, rewards)
+    torch.testing.assert_close(got[:, 0], torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))  # max(0, 3 - r)
+    torch.testing.assert_close(got[:, 1], torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0]))  # max(0, r - 8)
+    assert not c.is_met_by(rewards["len"])  # with delta 0: satisfied only if every sample is inside
+    assert c.is_met_by(torch.tensor([3.0, 5.0, 8.0]))
+    # the shortfall keeps a signal when every sample fails: the farther sample gets the larger violation
+    all_fail = violations(bounds, {"len": torch.tensor([0.0, 2.0])})[:, 0]
+    torch.testing.assert_close(all_fail, torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(surrogate_violations(bounds, {"len": torch.tensor([0.0, 2.0])})[:, 0], all_fail)
+    tolerant, tolerant_bounds = _bounds("uniform", delta=0.5)
+    # mean shortfalls 2/5 = 0.4 and 4/5 = 0.8, minus 0.5
+    torch.testing.assert_close(violations(tolerant_bounds, rewards).mean(dim=0), torch.tensor([-0.1, 0.3]))
+    assert not tolerant.is_met_by(rewards["len"])
+
+
+def test_expectation_surrogate_is_its_value_and_satisfaction_is_the_mean():
+    c, bounds = _bounds("expectation")
+    rewards = {"len": torch.tensor([1.0, 9.0])}
+    torch.testing.assert_close(surrogate_violations(bounds, rewards), violations(bounds, rewards))
+    assert c.is_met_by(rewards["len"])  # mean 5 in [3, 8] though neither sample is
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"kind": "chance"}, r"^constraints\[len\]\.epsilon: required for kind: chance"),
+    ({"kind": "chance", "epsilon": 0}, r"^constraints\[len\]\.epsilon: must be in \(0, 1\), got 0"),
+    ({"kind": "chance", "epsilon": 1.0}, r"^constraints\[len\]\.epsilon: must be in \(0, 1\), got 1"),
+    ({"kind": "chance", "epsilon": "a tenth"}, r"^constraints\[len\]\.epsilon: expected a finite number"),
+    ({"kind": "chance", "epsilon": 0.1, "indicator_temperature": 0},
+     r"^constraints\[len\]\.indicator_temperature: must be > 0"),
+    ({"kind": "uniform", "delta": -1}, r"^constraints\[len\]\.delta: must be >= 0"),
+    ({"epsilon": 0.1}, r"^constraints\[len\]\.epsilon: only applies to kind: chance \(this constraint is kind: "
+                       r"expectation\)"),
+    ({"kind": "chance", "epsilon": 0.1, "delta": 1}, r"^constraints\[len\]\.delta: only applies to kind: uniform"),
+])
+def test_kind_options_are_validated(record, message):
+    with pytest.raises(L3MConfigError, match=message):
+        parse_constraints([{"name": "len", "reward": "length_words", "min": 1, **record}])
 
 
 def test_records_must_be_a_list_of_mappings_with_a_reward():

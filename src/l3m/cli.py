@@ -1,6 +1,6 @@
-"""The ``l3m`` command: ``l3m train | eval | demo``.
+"""The ``l3m`` command: ``l3m train | eval | compare | demo``.
 
-``train`` and ``eval`` read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
+``train``, ``eval`` and ``compare`` (:mod:`l3m.compare`) read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
 :class:`l3m.ModelConfig` from ``--config file.yaml``; ``--field value`` flags override the file (as TRL's CLI).
 """
 
@@ -10,11 +10,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
 
-from l3m.errors import L3MConfigError, L3MError
-
+from l3m.errors import L3MConfigError, L3MError, L3MTrainingStopped
 
 
 def _parser_for_configs():
@@ -28,13 +30,24 @@ def _parser_for_configs():
             raise L3MConfigError(message.replace("argument --", "").replace("/--", " (--", 1).replace(":", "):", 1)
                                  if message.startswith("argument --") else message)
 
-    return _Parser((ScriptArguments, L3MConfig, ModelConfig))
+    return _Parser((ScriptArguments, L3MConfig, ModelConfig), allow_abbrev=False)  # a typo must not set a field
 
 
 def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
     """Parse ``--config file.yaml`` plus ``--field value`` overrides.
 
     Returns ``(script_args, training_args, model_args, extras)``; ``extras`` holds the values of ``extra_keys``.
+    """
+    values, extras = parse_config_values(argv, extra_keys)
+    return (*build_configs(values), extras)
+
+
+def parse_config_values(argv: list[str], extra_keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The field values of ``--config file.yaml`` with the ``--field value`` flags applied, before any dataclass is
+    built (so that callers can layer more values on top, as ``l3m compare`` does per method).
+
+    Returns ``(values, extras)``: ``values`` maps every field of the three config dataclasses to its value,
+    ``extras`` holds the values of ``extra_keys`` (file keys that are no field).
     """
     parser = _parser_for_configs()
     for key in extra_keys:
@@ -45,18 +58,86 @@ def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
         from l3m.config import load_yaml_config
 
         values = load_yaml_config(config_path)
-        known = {action.dest for action in parser._actions} - set(extra_keys) - {"config"}
+        known = {action.dest for action in parser._actions} - {"config"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise L3MConfigError(f"--config: unknown field(s) {unknown} in {config_path}; see `l3m train --help`")
-        parser.set_defaults(**values)
-    script_args, training_args, model_args, *rest = parser.parse_args_into_dataclasses(
-        argv, return_remaining_strings=True)
-    remaining = rest.pop()
+        actions = {action.dest: action for action in parser._actions}
+        parser.set_defaults(**{key: _typed_yaml_value(actions[key], value) for key, value in values.items()})
+    namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         raise L3MConfigError(f"unknown argument(s) {remaining}; see `l3m train --help`")
-    extras = vars(rest[0]) if rest else {}
-    return script_args, training_args, model_args, {k: extras.get(k) for k in extra_keys}
+    values = vars(namespace)
+    values.pop("config")
+    extras = {key: values.pop(key) for key in extra_keys}
+    return values, extras
+
+
+def build_configs(values: dict):
+    """``(script_args, training_args, model_args)`` from a mapping of field names to values (validated by each
+    dataclass); a key that is no field is an error."""
+    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+
+    out, used = [], set()
+    for dtype in (ScriptArguments, L3MConfig, ModelConfig):
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init} & set(values)
+        used |= keys
+        try:
+            out.append(dtype(**{k: values[k] for k in keys}))
+        except (ValueError, TypeError) as err:
+            if isinstance(err, L3MError):
+                raise
+            raise L3MConfigError(_training_arguments_message(str(err).splitlines()[0], values)) from err
+    unknown = sorted(set(values) - used)
+    if unknown:
+        raise L3MConfigError(f"unknown field(s) {unknown}; see `l3m train --help`")
+    return tuple(out)
+
+
+def _training_arguments_message(message: str, values: dict) -> str:
+    """Name the field in a transformers.TrainingArguments ValueError (e.g. ``foo is not a valid OptimizerNames``)."""
+    bad = re.match(r"(\S+) is not a valid \w+", message)
+    if bad:
+        fields = [k for k, v in values.items() if str(v) == bad.group(1)]
+        if fields:
+            return f"{fields[0]}: {message}"
+    return f"TrainingArguments: {message}"
+
+
+def _typed_yaml_value(action, value):
+    """Check a YAML value against its field's type, as argparse checks a command-line string.
+
+    argparse converts (and type-checks) string defaults only; YAML also gives numbers, booleans, lists and null.
+    """
+    name, kind = action.dest, getattr(action.type, "__name__", "")
+    if name == "resume_from_checkpoint" and isinstance(value, bool):
+        return "true" if value else None
+    if isinstance(value, str) or kind not in ("int", "float", "str", "string_to_bool"):
+        return value  # strings are converted by argparse; other field types are checked by their dataclass
+    if action.nargs in ("+", "*") and isinstance(value, list):
+        return [_typed_yaml_value(argparse.Namespace(dest=name, type=action.type, nargs=None, default=0), v)
+                for v in value]
+    if value is None:
+        if action.default is None:
+            return None
+        raise L3MConfigError(f"{name}: expected a value, got null; remove the key to keep the default "
+                             f"{action.default!r}")
+    if kind == "string_to_bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str fields may also hold lists or mappings (constraints, report_to, lr_scheduler_kwargs)
+        ok = isinstance(value, (list, dict))
+    if not ok:
+        expected = {"string_to_bool": "true or false", "int": "an integer", "float": "a number",
+                    "str": "a string (quote it)"}[kind]
+        raise L3MConfigError(f"{name}: expected {expected}, got {value!r}")
+    if kind == "float" and not math.isfinite(value) and name not in ("max_grad_norm",):
+        raise L3MConfigError(f"{name}: expected a finite number, got {value!r}")
+    return value
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -149,7 +230,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from l3m.data import prepare_dataset
-    from l3m.evaluation import evaluate_model
+    from l3m.evaluation import evaluate_model, write_json
 
     script_args, training_args, model_args, extras = parse_config(argv, extra_keys=("model", "output"))
     model_dir = extras["model"]
@@ -168,10 +249,7 @@ def cmd_eval(argv: list[str]) -> int:
                             temperature=training_args.temperature, top_p=training_args.top_p,
                             batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
     print(json.dumps(result["summary"], indent=2))
-    output = extras["output"] or os.path.join(model_dir, "eval_results.json")
-    with open(output + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(output + ".tmp", output)
+    output = write_json(extras["output"] or os.path.join(model_dir, "eval_results.json"), result)
     print(f"Wrote {output}")
     return 0
 
@@ -196,24 +274,49 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_compare(argv: list[str]) -> int:
+    from l3m.compare import run_comparison
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: l3m compare --config compare.yaml [--field value ...]\n\n"
+              "Trains every entry of the config's `methods` list (name, solver, field overrides, optional sweep) on\n"
+              "the same data, model, constraints and step budget, evaluates each on the test split, and prints one\n"
+              "table; --field flags override the shared fields. See docs/compare.md.")
+        return 0
+    if not _config_path(argv):
+        raise L3MConfigError("--config: required (a compare YAML, e.g. examples/configs/compare.yaml)")
+    run_comparison(argv)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: l3m {train,eval,demo} [--config FILE] [--field value ...]\n\n"
-              "  train  fine-tune a model under reward constraints (L3M); plain SFT without constraints\n"
-              "  eval   task log-perplexity and constraint rewards of a saved model on the test split\n"
-              "  demo   the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M\n\n"
+        print("usage: l3m {train,eval,compare,demo} [--config FILE] [--field value ...]\n\n"
+              "  train    fine-tune a model under reward constraints (L3M); plain SFT without constraints\n"
+              "  eval     task log-perplexity and constraint rewards of a saved model on the test split\n"
+              "  compare  train several methods (SFT, L3M, MM, iterative dual) under one budget, one table\n"
+              "  demo     the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M\n\n"
               "`l3m train --help` lists every field.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except L3MTrainingStopped as err:
+        if err.signum is None:
+            print(f"l3m: error: {err}", file=sys.stderr)
+            return 2
+        print(f"l3m: {err}", file=sys.stderr)
+        return 128 + err.signum  # the shell's convention for "ended by signal N"
     except L3MError as err:
         print(f"l3m: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it: stop at once, quietly
+        print("l3m: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

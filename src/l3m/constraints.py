@@ -1,8 +1,18 @@
-"""Constraints on rewards of sampled responses (Eq. 4/5 of the L3M paper).
+"""Constraints on rewards of sampled responses (Eq. 4-7 of the L3M paper).
 
-Sign convention, stated once: a constraint value ``C_i = E[b_i - r_i(y|x)]`` is satisfied when ``C_i <= 0``.
-A user-facing :class:`Constraint` may carry a ``min`` and a ``max``; a range expands into two one-sided
-:class:`Bound` s (Sec. 6.2): ``r >= min`` and ``-r >= -max``.
+Sign convention, stated once: a constraint value ``C_i`` is satisfied when ``C_i <= 0``. A user-facing
+:class:`Constraint` may carry a ``min`` and a ``max``; a range expands into two one-sided :class:`Bound` s
+(Sec. 6.2): ``r >= min`` and ``-r >= -max``. Writing ``m = sign * r - threshold`` for a sample's margin (``m >= 0``:
+the sample meets the bound), each kind (Sec. 4.1) is an expectation of a per-sample term ``c``:
+
+- ``expectation`` (Eq. 4): ``c = -m``, so ``C = E[b - r]``;
+- ``chance`` (Eq. 7): ``c = (1 - epsilon) - 1{m >= 0}``, so ``C = (1 - epsilon) - P[r >= b]``;
+- ``uniform`` (a surrogate of Eq. 6): ``c = max(0, -m) - delta``, so ``C = E[max(0, b - r)] - delta``, the mean
+  shortfall minus its tolerance.
+
+Each :class:`Bound` also gives the per-sample terms whose score-function gradient a constraint step follows
+(:meth:`Bound.surrogate`): ``c`` itself, except for ``chance``, whose indicator has no gradient signal when all
+samples fail, so the gradient follows the smoothed indicator ``sigmoid(m / indicator_temperature)``.
 
 Shapes: N sampled responses, K one-sided bounds.
 """
@@ -19,21 +29,27 @@ import torch
 from l3m.errors import L3MConfigError
 from l3m.rewards import RewardFunc, resolve_reward
 
-CONSTRAINT_KINDS = ("expectation",)
-_SPEC_KEYS = {"name", "reward", "min", "max", "kind"}
+CONSTRAINT_KINDS = ("expectation", "chance", "uniform")
+_SPEC_KEYS = {"name", "reward", "min", "max", "kind", "epsilon", "delta", "indicator_temperature"}
 
 
 @dataclass
 class Constraint:
-    """A minimum requirement on a reward, enforced on average over prompts and sampled responses.
+    """A minimum requirement on a reward of the sampled responses, of one of the kinds of Sec. 4.1.
 
     Args:
         reward: a built-in reward name (``length_tokens``, ``length_words``, ``length_chars``), a
             ``module:function`` reference, or a callable with TRL's reward signature.
-        min: lower bound ``b`` in ``E[r] >= b``; ``None`` for no lower bound.
-        max: upper bound in ``E[r] <= max``; ``None`` for no upper bound.
+        min: lower bound ``b`` (``r >= b``); ``None`` for no lower bound.
+        max: upper bound (``r <= max``); ``None`` for no upper bound.
         name: used in logs and metrics (``constraints/<name>/...``); defaults to the reward's name.
-        kind: ``"expectation"`` (Eq. 4), the only kind implemented so far.
+        kind: ``"expectation"`` (Eq. 4: ``E[r] >= b``), ``"chance"`` (Eq. 7: ``P[r >= b] >= 1 - epsilon``) or
+            ``"uniform"`` (Eq. 6, every response ``r >= b``, enforced through the mean shortfall
+            ``E[max(0, b - r)] <= delta``). A range applies the kind to each side.
+        epsilon: ``chance`` only: the allowed probability of a response failing a bound, in (0, 1).
+        delta: ``uniform`` only: the allowed mean shortfall, in reward units (>= 0; 0 asks for every response).
+        indicator_temperature: ``chance`` only: temperature of the smoothed indicator ``sigmoid((r - b) / T)``
+            whose gradient the constraint steps follow, in reward units (> 0).
     """
 
     reward: str | RewardFunc
@@ -41,6 +57,9 @@ class Constraint:
     max: float | None = None
     name: str | None = None
     kind: str = "expectation"
+    epsilon: float | None = None
+    delta: float | None = None
+    indicator_temperature: float | None = None
 
     def __post_init__(self):
         self.reward_func = resolve_reward(self.reward, field=f"constraints[{self.name or self.reward}].reward")
@@ -60,6 +79,38 @@ class Constraint:
             raise L3MConfigError(f"{where}: give at least one of 'min' or 'max'")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise L3MConfigError(f"{where}: min ({self.min:g}) > max ({self.max:g}); swap them or widen the range")
+        self._check_kind_options(where)
+
+    def _check_kind_options(self, where: str) -> None:
+        """Each kind's own option, its default and its range; an option of another kind is an error."""
+        options = {"chance": ("epsilon", "indicator_temperature"), "uniform": ("delta",)}
+        for kind, names in options.items():
+            for option in names:
+                value = getattr(self, option)
+                if value is None:
+                    continue
+                if self.kind != kind:
+                    raise L3MConfigError(f"{where}.{option}: only applies to kind: {kind} (this constraint is "
+                                         f"kind: {self.kind})")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise L3MConfigError(f"{where}.{option}: expected a finite number, got {value!r}")
+                setattr(self, option, float(value))
+        if self.kind == "chance":
+            if self.epsilon is None:
+                raise L3MConfigError(f"{where}.epsilon: required for kind: chance (P[r >= b] >= 1 - epsilon), "
+                                     "e.g. epsilon: 0.1")
+            if not 0 < self.epsilon < 1:
+                raise L3MConfigError(f"{where}.epsilon: must be in (0, 1), got {self.epsilon:g}")
+            if self.indicator_temperature is None:
+                self.indicator_temperature = 1.0
+            if self.indicator_temperature <= 0:
+                raise L3MConfigError(f"{where}.indicator_temperature: must be > 0 (in reward units), got "
+                                     f"{self.indicator_temperature:g}")
+        if self.kind == "uniform":
+            if self.delta is None:
+                self.delta = 0.0
+            if self.delta < 0:
+                raise L3MConfigError(f"{where}.delta: must be >= 0 (an allowed mean shortfall), got {self.delta:g}")
 
     def bounds(self) -> list[Bound]:
         """The one-sided bounds this constraint expands into (two for a range, Sec. 6.2)."""
@@ -75,15 +126,55 @@ class Constraint:
         """Whether a reward (or a mean reward) lies inside ``[min, max]``."""
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
+    def is_met_by(self, rewards: torch.Tensor) -> bool:
+        """Whether the sampled ``(N,)`` rewards satisfy the constraint as its kind defines it: the Monte-Carlo
+        estimate of every bound's ``C`` is ``<= 0`` (expectation: mean reward in the range; chance: at least
+        ``1 - epsilon`` of the samples meet each bound; uniform: mean shortfall at most ``delta`` on each side)."""
+        return all(bound.values(rewards).mean().item() <= 0 for bound in self.bounds())
+
 
 @dataclass
 class Bound:
-    """One constraint ``sign * r >= threshold`` of Eq. (4); its per-sample violation is ``threshold - sign * r``."""
+    """One constraint on ``sign * r >= threshold`` (Eq. 4-7), of its constraint's kind.
+
+    The per-sample margin is ``m = sign * r - threshold`` (``>= 0``: the sample meets the bound).
+    """
 
     name: str
     constraint: Constraint
     threshold: float
     sign: float
+
+    def margins(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` margins ``m = sign * r - threshold`` of ``(N,)`` rewards."""
+        return self.sign * rewards - self.threshold
+
+    def values(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` per-sample terms ``c`` whose mean is the Monte-Carlo estimate of ``C`` (``<= 0`` satisfied).
+
+        expectation: ``-m``; chance: ``(1 - epsilon) - 1{m >= 0}``; uniform: ``max(0, -m) - delta``.
+        """
+        m = self.margins(rewards)
+        c = self.constraint
+        if c.kind == "chance":
+            return (1.0 - c.epsilon) - (m >= 0).to(m.dtype)
+        if c.kind == "uniform":
+            return (-m).clamp(min=0.0) - c.delta
+        return -m
+
+    def surrogate(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` per-sample terms whose score-function gradient estimates the constraint step's direction.
+
+        For ``chance`` the indicator is replaced by ``sigmoid(m / T)`` (``T = indicator_temperature``): a failing
+        sample closer to the bound scores higher, so the gradient points towards meeting it even when every sample
+        fails (the indicator's REINFORCE estimate is then exactly 0). It is the gradient of
+        ``(1 - epsilon) - E[sigmoid(m / T)]``, a smoothed ``C`` that tends to ``C`` as ``T -> 0`` (a sample exactly at
+        the bound counts 1/2). The other kinds' terms are their own values.
+        """
+        c = self.constraint
+        if c.kind == "chance":
+            return (1.0 - c.epsilon) - torch.sigmoid(self.margins(rewards) / c.indicator_temperature)
+        return self.values(rewards)
 
 
 def parse_constraints(specs: Sequence[dict[str, Any] | Constraint] | None) -> list[Constraint]:
@@ -115,9 +206,15 @@ def parse_constraints(specs: Sequence[dict[str, Any] | Constraint] | None) -> li
 
 
 def compute_rewards(
-    constraints: Sequence[Constraint], prompts: list[str], completions: list[str], completion_ids: list[list[int]]
+    constraints: Sequence[Constraint], prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``, checked to be finite numbers."""
+    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``.
+
+    A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`.
+    NaN or inf are an error too unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
+    and the step is skipped and counted, :mod:`l3m.guards`).
+    """
     rewards = {}
     n = len(completions)
     for constraint in constraints:
@@ -133,12 +230,24 @@ def compute_rewards(
             tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as err:
             raise L3MConfigError(f"{where}: the reward function returned a non-number ({err})") from err
-        if not torch.isfinite(tensor).all():
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
             raise L3MConfigError(f"{where}: the reward function returned NaN or inf")
         rewards[constraint.name] = tensor
     return rewards
 
 
 def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample constraint values ``c_i(y|x) = b_i - r_i(y|x)`` (Eq. 12), shape ``(N, K)``; ``<= 0`` is satisfied."""
-    return torch.stack([b.threshold - b.sign * rewards[b.constraint.name] for b in bounds], dim=1)
+    """Per-sample constraint values ``c_i(y|x)`` (Eq. 12; ``b_i - r_i`` for an expectation constraint), shape
+    ``(N, K)``: their mean over samples estimates ``C_i`` (``<= 0`` is satisfied), see :meth:`Bound.values`."""
+    return torch.stack([b.values(rewards[b.constraint.name]) for b in bounds], dim=1)
+
+
+def surrogate_violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample terms whose score-function gradient the constraint step follows, shape ``(N, K)``
+    (:meth:`Bound.surrogate`; equal to :func:`violations` except for chance constraints)."""
+    return torch.stack([b.surrogate(rewards[b.constraint.name]) for b in bounds], dim=1)
+
+
+def satisfied_mask(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(N, K)`` booleans: sample meets bound ``sign * r >= threshold`` (the event every kind is built on)."""
+    return torch.stack([b.margins(rewards[b.constraint.name]) >= 0 for b in bounds], dim=1)

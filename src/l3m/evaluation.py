@@ -2,16 +2,20 @@
 
 - Task log-perplexity: the length-normalized NLL of each reference response (the objective of Eq. 1/3), reported
   as mean and standard deviation over examples, as in the paper's figures.
-- Constraints: one response sampled per prompt (top-p, as in training), scored by every constraint's reward;
-  an expectation constraint is satisfied when the mean reward lies inside ``[min, max]``. The fraction of single
-  responses inside the range is reported beside it.
+- Constraints: one response sampled per prompt (top-p, as in training), scored by every constraint's reward.
+  Each one-sided bound's constraint value ``C`` is estimated as its kind defines it (:meth:`l3m.Bound.values`:
+  expectation ``E[b - r]``, chance ``(1 - epsilon) - P[r >= b]``, uniform ``E[max(0, b - r)] - delta``), and the
+  constraint is satisfied when every estimate is ``<= 0`` (for an expectation constraint: the mean reward lies inside
+  ``[min, max]``). The fraction of single responses inside the range is reported beside it.
 
 Shapes: B examples per batch.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -76,9 +80,20 @@ def evaluate_model(
         values = rewards[c.name]
         summary[f"{c.name}/mean"] = _mean(values)
         summary[f"{c.name}/std"] = _std(values)
-        summary[f"{c.name}/satisfied"] = c.is_satisfied_by(_mean(values))
+        scored = torch.tensor(values, dtype=torch.float64)
+        for bound in c.bounds():
+            summary[f"{bound.name}/value"] = bound.values(scored).mean().item() if values else math.nan
+        summary[f"{c.name}/satisfied"] = bool(values) and c.is_met_by(scored)
         summary[f"{c.name}/inside_frac"] = _mean([float(c.is_satisfied_by(v)) for v in values])
     return {"summary": summary, "log_ppl": log_ppl, "lengths": lengths, "rewards": rewards, "samples": samples}
+
+
+def write_json(path: str, data) -> str:
+    """Write ``data`` as indented JSON to ``path`` atomically (a reader never sees a partial file)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -58,6 +58,10 @@ class Multipliers(ABC):
     def estimate(self) -> torch.Tensor | None:
         """The ``(K,)`` smoothed estimate of :math:`C` the strategy works from (logged), or None before any update."""
 
+    def log_values(self, names: list[str]) -> dict[str, float]:
+        """Extra metrics of the strategy's current state for the trainer's logs (``names``: the K bounds')."""
+        return {}
+
     @abstractmethod
     def state_dict(self) -> dict:
         """Everything that changes during training, as JSON-serializable values."""
@@ -325,6 +329,13 @@ class IterativeDualMultipliers(Multipliers):
         self.history.append(self.lam.tolist())
         self.steps_in_iteration = 0
         self.estimate_sum = None
+
+    def log_values(self, names: list[str]) -> dict[str, float]:
+        r"""``dual/iteration`` (the index *t*) and ``dual/<name>/lambda`` (:math:`\lambda_t`) at logging time."""
+        if self.lam is None:
+            return {}
+        return {"dual/iteration": float(self.iteration),
+                **{f"dual/{name}/lambda": value for name, value in zip(names, self.lam.tolist())}}
 
     def state_dict(self) -> dict:
         return {

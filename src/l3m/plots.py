@@ -20,11 +20,14 @@ class LengthResult:
     length_range: tuple[float | None, float | None] | None = None
 
 
-def plot_length_figure(results: Sequence[LengthResult], path: str) -> str:
+def plot_length_figure(results: Sequence[LengthResult], path: str, reward_label: str = "response length (tokens)",
+                       title: str = "Length-constrained L3Ms (cf. Fig. 2 of the L3M paper)") -> str:
     """Fig. 2: left, mean length against task log-ppl (mean ± std); right, length box plots with constraint lines.
 
     The boxes are notched at the median, white circles mark the means, and black dashed lines the ranges imposed
-    on each model. The PNG is written atomically to ``path``.
+    on each model. The PNG is written atomically to ``path``. Any other reward can take the place of the length
+    (``LengthResult.lengths`` then holds its values; ``reward_label`` names it on the axes), which makes the left
+    panel the Fig. 3 (right) view: task log-ppl per model against the constraint's level.
     """
     try:
         import matplotlib
@@ -40,7 +43,7 @@ def plot_length_figure(results: Sequence[LengthResult], path: str) -> str:
         mean_length = sum(r.lengths) / max(len(r.lengths), 1)
         left.errorbar(mean_length, r.log_ppl_mean, yerr=r.log_ppl_std, fmt="o", capsize=4,
                       color=colors[i % len(colors)], label=r.label)
-    left.set_xlabel("mean response length (tokens)")
+    left.set_xlabel(f"mean {reward_label}")
     left.set_ylabel("task log-perplexity (mean ± std)")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
@@ -53,9 +56,9 @@ def plot_length_figure(results: Sequence[LengthResult], path: str) -> str:
         for bound in r.length_range or ():
             if bound is not None:
                 right.hlines(bound, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
-    right.set_ylabel("response length (tokens)")
+    right.set_ylabel(reward_label)
     right.grid(axis="y", alpha=0.3)
-    fig.suptitle("Length-constrained L3Ms (cf. Fig. 2 of the L3M paper)")
+    fig.suptitle(title)
     fig.tight_layout()
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

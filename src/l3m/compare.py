@@ -1,0 +1,308 @@
+"""``l3m compare``: several methods trained on the same data, model, constraints and step budget, side by side.
+
+The L3M paper's comparison (Sec. 6.3, Fig. 3) in one command: every entry of ``methods`` in the YAML is one run of
+the shared trainer with its own ``solver`` (``sft``, ``l3m``, ``mm``, ``dual``) and field overrides; a ``sweep``
+expands an entry over values of any field (MM's ``dual_lr``, to which it is sensitive). Each run is evaluated on
+the same held-out prompts (:func:`l3m.evaluation.evaluate_model`), and one table lists the constraint rewards and
+whether each constraint is satisfied (as its kind defines it), the task log-perplexity, the training wall time and
+the peak memory. A run that fails is reported in the table with its error, and the others go on.
+
+The YAML holds the fields of ``l3m train`` (shared by all methods) plus::
+
+    methods:
+      - {name: SFT, solver: sft, match_objective_steps: true}
+      - {name: L3M, solver: l3m}
+      - {name: MM, solver: mm, sweep: {dual_lr: [0.05, 0.5]}}
+    eval_max_new_tokens: 64   # optional; defaults to max_completion_length
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import re
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from l3m.errors import L3MConfigError
+
+METHOD_KEYS = {"name", "sweep", "match_objective_steps"}
+SHARED_ONLY = {"constraints", "dataset_name", "dataset_config", "dataset_train_split", "dataset_validation_split",
+               "dataset_test_split", "validation_size", "test_size", "max_train_samples"}
+
+
+@dataclass
+class Method:
+    """One run of a comparison: a unique name and the fields it sets on top of the shared ones."""
+
+    name: str
+    overrides: dict
+    match_objective_steps: bool = False
+
+
+def expand_methods(entries, fields: set[str]) -> list[Method]:
+    """Check the ``methods`` list of a compare config and expand its sweeps; ``fields`` are the settable fields.
+
+    ``sweep: {field: [v1, v2], ...}`` turns one entry into one method per combination of values, named
+    ``"<name> (field=v1, ...)"``.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise L3MConfigError("methods: expected a non-empty list of methods, e.g. [{name: L3M, solver: l3m}, "
+                             "{name: SFT, solver: sft}]")
+    methods = []
+    for i, entry in enumerate(entries):
+        where = f"methods[{i}]"
+        if not isinstance(entry, dict):
+            raise L3MConfigError(f"{where}: expected a mapping like {{name: MM, solver: mm, dual_lr: 0.1}}")
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise L3MConfigError(f"{where}.name: required (a label for the table)")
+        where = f"methods[{entry['name']}]"
+        unknown = sorted(set(entry) - fields - METHOD_KEYS)
+        if unknown:
+            raise L3MConfigError(f"{where}: unknown field(s) {unknown}; a method takes name, sweep, "
+                                 "match_objective_steps and the fields of `l3m train --help`")
+        overrides = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
+        sweep = entry.get("sweep") or {}
+        if not isinstance(sweep, dict):
+            raise L3MConfigError(f"{where}.sweep: expected a mapping of field names to lists of values, e.g. "
+                                 "{dual_lr: [0.05, 0.5]}")
+        shared_only = sorted(SHARED_ONLY & (set(overrides) | set(sweep)))
+        if shared_only:
+            raise L3MConfigError(f"{where}: {shared_only} must be the same for every method; set them at the top "
+                                 "level of the config")
+        for key, values in sweep.items():
+            if key not in fields:
+                raise L3MConfigError(f"{where}.sweep: unknown field {key!r}; see `l3m train --help`")
+            if not isinstance(values, list) or not values:
+                raise L3MConfigError(f"{where}.sweep.{key}: expected a non-empty list of values, got {values!r}")
+        match = entry.get("match_objective_steps", False)
+        if not isinstance(match, bool):
+            raise L3MConfigError(f"{where}.match_objective_steps: expected true or false, got {match!r}")
+        for combination in itertools.product(*sweep.values()):
+            setting = dict(zip(sweep, combination))
+            label = ", ".join(f"{k}={v}" for k, v in setting.items())
+            name = f"{entry['name']} ({label})" if label else entry["name"]
+            methods.append(Method(name, {**overrides, **setting}, match))
+    names = [m.name for m in methods]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise L3MConfigError(f"methods: duplicated name(s) {duplicated}; give each method its own 'name'")
+    return methods
+
+
+def plan_comparison(argv: list[str]):
+    """Parse and validate a compare config (``--config`` plus ``--field value`` flags for the shared fields) and
+    build every method's configuration before anything is trained. Returns ``(plans, shared_args, eval_tokens)``:
+    ``plans`` are ``(method, training_args, model_args)``; ``shared_args`` the shared ``(script_args,
+    training_args, model_args)``: the data and the constraints are the same for every method."""
+    from l3m.cli import build_configs, parse_config_values
+    from l3m.demo import slug
+    from l3m.trainer import objective_step_count
+
+    values, extras = parse_config_values(argv, extra_keys=("methods", "eval_max_new_tokens"))
+    methods = expand_methods(extras["methods"], set(values))
+    shared = build_configs(values)
+    if not shared[1].parsed_constraints:
+        raise L3MConfigError("constraints: a comparison needs at least one constraint (the methods differ in how "
+                             "they enforce it)")
+    eval_tokens = extras["eval_max_new_tokens"]
+    try:
+        eval_tokens = shared[1].max_completion_length if eval_tokens is None else int(eval_tokens)
+    except (TypeError, ValueError) as err:
+        raise L3MConfigError(f"eval_max_new_tokens: expected a whole number, got {eval_tokens!r}") from err
+    if eval_tokens < 1:
+        raise L3MConfigError(f"eval_max_new_tokens: must be >= 1, got {eval_tokens}")
+    plans = []
+    for method in methods:
+        merged = {**values, "output_dir": os.path.join(values["output_dir"], slug(method.name)), **method.overrides}
+        if method.match_objective_steps:
+            merged["max_steps"] = objective_step_count(merged["seed"], merged["max_steps"],
+                                                       merged["objective_step_probability"])
+        try:
+            _, training_args, model_args = build_configs(merged)
+        except L3MConfigError as err:
+            raise L3MConfigError(f"methods[{method.name}]: {err}") from err
+        plans.append((method, training_args, model_args))
+    return plans, shared, eval_tokens
+
+
+def run_comparison(argv: list[str]) -> dict:
+    """Train and evaluate every method of the compare config; print the table, write ``results.json`` and one
+    figure per constraint into the shared ``output_dir``. Returns the results."""
+    from l3m.cli import _load_splits
+    from l3m.evaluation import write_json
+
+    plans, (script_args, training_args, model_args), eval_tokens = plan_comparison(argv)
+    constraints = training_args.parsed_constraints
+    splits = _load_splits(script_args, training_args.seed)  # the same splits for every method
+    train = splits["train"]
+    if script_args.max_train_samples:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    output_dir = training_args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    print(f"Comparing {len(plans)} methods on {len(train)} training and {len(splits['test'])} held-out examples; "
+          f"constraints: {describe_constraints(constraints)}", flush=True)
+    started = time.time()
+    records = []
+    for index, (method, run_args, run_model_args) in enumerate(plans, start=1):
+        prefix = f"[{index}/{len(plans)}] {method.name}"
+        print(f"\n{prefix}: solver {run_args.solver}, training {run_args.max_steps} steps", flush=True)
+        record = {"name": method.name, "solver": run_args.solver, "overrides": method.overrides,
+                  "steps": run_args.max_steps}
+        try:
+            record.update(_run_method(run_args, run_model_args, train, splits["test"], constraints, eval_tokens,
+                                      f"Evaluating {method.name}"))
+            summary = record["summary"]
+            print(f"{prefix}: trained in {record['train_seconds']:.0f} s; "
+                  f"{describe_result(constraints, summary)}; task log-ppl {summary['log_ppl_mean']:.3f}", flush=True)
+        except Exception as err:  # noqa: BLE001 - a failed method is reported in the table, the others still run
+            record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(f"{prefix}: FAILED: {record['error']}", flush=True)
+            traceback.print_exc(file=sys.stderr)
+        records.append(record)
+        gc.collect()  # free the method's model before the next one loads (and its peak memory is measured)
+        write_json(os.path.join(output_dir, "results.json"), _results(argv, eval_tokens, records))
+
+    figures = plot_comparison(records, constraints, output_dir)
+    print("\n" + format_table(records, constraints))
+    print(f"\nResults: {os.path.join(output_dir, 'results.json')}")
+    for figure in figures:
+        print(f"Figure:  {figure}")
+    print(f"Total time: {(time.time() - started) / 60:.1f} min")
+    return _results(argv, eval_tokens, records)
+
+
+def _results(argv: list[str], eval_tokens: int, records: list[dict]) -> dict:
+    return {"argv": argv, "eval_max_new_tokens": eval_tokens, "methods": records}
+
+
+def _run_method(args, model_args, train, test, constraints, eval_tokens: int, description: str) -> dict:
+    """Train one method from the initial model and evaluate it on the ``test`` split; returns its part of the
+    result record."""
+    import torch
+
+    from l3m.cli import load_model_and_tokenizer, peft_config_from
+    from l3m.data import prepare_dataset
+    from l3m.evaluation import evaluate_model
+    from l3m.trainer import L3MTrainer
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    test = prepare_dataset(test, tokenizer, args.max_length, args.seed, "test")
+    trainer = L3MTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config_from(model_args))
+    memory = PeakMemory(trainer.model)
+    started = time.time()
+    trainer.train()
+    train_seconds = time.time() - started
+    peak_mb, measure = memory.peak_mb()
+    started = time.time()
+    result = evaluate_model(trainer.model, tokenizer, test, constraints=constraints, max_new_tokens=eval_tokens,
+                            temperature=args.temperature, top_p=args.top_p,
+                            batch_size=args.per_device_eval_batch_size, seed=args.seed, description=description)
+    return {"train_seconds": train_seconds, "eval_seconds": time.time() - started, "peak_memory_mb": peak_mb,
+            "peak_memory_measure": measure, "multiplier_state": trainer.multipliers.state_dict() if trainer.bounds
+            else None, **result}
+
+
+class PeakMemory:
+    """Peak memory of a run from its start: on a GPU the most memory torch allocated; on CPU the process's peak
+    resident set size, reset at the start where Linux allows it (``/proc/self/clear_refs``), otherwise the peak of
+    the whole process so far (``getrusage``; then a later run never reports less than an earlier one)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.cuda = next(model.parameters()).is_cuda
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.measure = "cuda max allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak RSS (VmHWM) of this process
+            self.measure = "peak RSS of the run"
+        except OSError:
+            self.measure = "peak RSS of the process"
+
+    def peak_mb(self) -> tuple[float, str]:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20, self.measure
+        if self.measure == "peak RSS of the run":
+            with open("/proc/self/status", encoding="utf-8") as f:
+                match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+            if match:
+                return int(match.group(1)) / 1024, self.measure
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+        return peak / (2**20 if sys.platform == "darwin" else 1024), "peak RSS of the process"
+
+
+def describe_constraints(constraints) -> str:
+    """``length (expectation) in [2, 8]; ...`` for the run's constraints."""
+    parts = []
+    for c in constraints:
+        options = (f", epsilon={c.epsilon:g}" if c.kind == "chance" else f", delta={c.delta:g}" if c.kind == "uniform"
+                   else "")
+        span = "[" + ", ".join("-" if v is None else f"{v:g}" for v in (c.min, c.max)) + "]"
+        parts.append(f"{c.name} ({c.kind}{options}) in {span}")
+    return "; ".join(parts)
+
+
+def describe_result(constraints, summary: dict) -> str:
+    return ", ".join(f"{c.name} {summary[f'{c.name}/mean']:.2f} "
+                     f"({'satisfied' if summary[f'{c.name}/satisfied'] else 'NOT satisfied'})" for c in constraints)
+
+
+def format_table(records: list[dict], constraints) -> str:
+    """One row per method: per constraint the mean ± std reward, whether it is satisfied (as its kind defines it)
+    and the share of held-out responses inside its range; task log-ppl mean ± std; training time; peak memory."""
+    columns = [("method", 28, "<"), ("solver", 6, "<"), ("steps", 5, ">")]
+    for c in constraints:
+        columns += [(f"{c.name} mean ± std", 18, ">"), (f"{c.name} ok", max(len(c.name) + 3, 5), ">"),
+                    (f"{c.name} in range", max(len(c.name) + 9, 9), ">")]
+    columns += [("task log-ppl mean ± std", 24, ">"), ("train s", 7, ">"), ("peak MB", 7, ">")]
+    header = " ".join(f"{title:{align}{width}}" for title, width, align in columns)
+    lines = [f"constraints: {describe_constraints(constraints)}", header, "-" * len(header)]
+    for r in records:
+        cells = [r["name"], r["solver"], str(r["steps"])]
+        if "error" in r:
+            lines.append(" ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns))
+                         + f"  FAILED: {r['error']}")
+            continue
+        s = r["summary"]
+        for c in constraints:
+            cells += [f"{s[f'{c.name}/mean']:.2f} ± {s[f'{c.name}/std']:.2f}",
+                      "yes" if s[f"{c.name}/satisfied"] else "NO", f"{100 * s[f'{c.name}/inside_frac']:.0f}%"]
+        cells += [f"{s['log_ppl_mean']:.3f} ± {s['log_ppl_std']:.3f}", f"{r['train_seconds']:.0f}",
+                  f"{r['peak_memory_mb']:.0f}"]
+        lines.append(" ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns)))
+    return "\n".join(lines)
+
+
+def plot_comparison(records: list[dict], constraints, output_dir: str) -> list[str]:
+    """One Fig. 2/3 style figure per constraint (``compare_<name>.png``): task log-ppl per method against the
+    constraint's mean reward, and box plots of the reward per method with the range (:mod:`l3m.plots`)."""
+    from l3m.demo import slug
+    from l3m.plots import LengthResult, plot_length_figure
+
+    done = [r for r in records if "error" not in r]
+    if not done:
+        return []
+    figures = []
+    for c in constraints:
+        results = [LengthResult(r["name"], r["rewards"][c.name], r["summary"]["log_ppl_mean"],
+                                r["summary"]["log_ppl_std"], (c.min, c.max)) for r in done]
+        label = "response length (tokens)" if c.reward == "length_tokens" else f"{c.name} reward"
+        figures.append(plot_length_figure(results, os.path.join(output_dir, f"compare_{slug(c.name)}.png"),
+                                          reward_label=label,
+                                          title=f"Methods under one budget: {describe_constraints([c])}"))
+    return figures
+
