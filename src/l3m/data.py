@@ -32,12 +32,14 @@ def load_task_splits(
     validation_size: float = 0.05,
     test_size: float = 0.05,
     seed: int = 42,
+    data_dir: str | None = None,
 ) -> DatasetDict:
     """Load task data from the hub or local JSON/JSONL/Parquet files into ``train``/``validation``/``test``.
 
     Splits the source lacks are carved out of its train split with ``seed``, so they are the same on every run.
+    ``data_dir`` selects a hub dataset's subfolder (e.g. ``harmless-base`` of ``Anthropic/hh-rlhf``).
     """
-    raw = _load_raw(dataset_name, dataset_config)
+    raw = _load_raw(dataset_name, dataset_config, data_dir)
     train_name, validation_name, test_name = splits
     if train_name not in raw:
         raise L3MDataError(f"dataset_train_split: {dataset_name!r} has no split {train_name!r} (it has {list(raw)})")
@@ -62,7 +64,7 @@ def load_task_splits(
     return DatasetDict(out)
 
 
-def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
+def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | None = None) -> DatasetDict:
     if os.path.exists(dataset_name):
         if os.path.isdir(dataset_name):
             files = sorted(os.path.join(dataset_name, f) for f in os.listdir(dataset_name))
@@ -81,7 +83,7 @@ def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
             return load_dataset(builders.pop(), data_files={"train": files})
         except Exception as err:  # datasets raises many types for malformed files
             raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
-    return load_dataset(dataset_name, dataset_config)
+    return load_dataset(dataset_name, dataset_config, data_dir=data_dir)
 
 
 def split_conversation(example: dict[str, Any], rng: random.Random) -> tuple[list[dict], dict]:

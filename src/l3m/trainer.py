@@ -26,6 +26,7 @@ from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError
 from l3m.multipliers import LogBarrierMultipliers, build_multipliers
 from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
 
@@ -105,6 +106,7 @@ class L3MTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
         self.stop_ids = eos_ids(processing_class, model)
         self.multipliers = build_multipliers(args)
+        place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self._pending_estimates: list[torch.Tensor] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -159,7 +161,8 @@ class L3MTrainer(Trainer):
         )
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids)
+        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids,
+                                  trainer_state=self.state)
         local_violations = violations(self.bounds, rewards).to(completions.sequences.device)  # (N, K)
 
         # The estimate that drives the multipliers is reduced across processes first.
