@@ -295,3 +295,47 @@ def test_a_reward_model_with_another_tokenizer_scores_text(tmp_path):
     expected = original(prompts, responses, policy_ids)
     assert other(prompts, responses, policy_ids) == pytest.approx(expected, abs=1e-5)
     assert len(set(round(v, 4) for v in expected)) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_l3m_reward_train_from_yaml_on_hh_transcripts(tmp_path, capsys):
+    import yaml
+
+    from l3m.cli import main
+
+    model_dir = _save_causal_lm(tmp_path / "base")
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _toy_pairs(200, seed=0, fmt="hh")))
+    output_dir = tmp_path / "rm"
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model_name_or_path=model_dir, dataset_name=str(data), validation_size=24, test_size=32, reward_type="lm",
+        num_train_epochs=1, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=0, use_cpu=True,
+        report_to="none", disable_tqdm=True, output_dir=str(output_dir))))
+    assert main(["reward", "train", "--config", str(config)]) == 0
+    info = json.load(open(output_dir / REWARD_INFO_NAME))
+    metrics = info["metrics"]
+    assert metrics["num_pairs"] == {"train": 144, "validation": 24, "test": 32}
+    assert metrics["test_accuracy"] > 0.9 > metrics["test_accuracy_before"]
+    assert "reward: {path: " in capsys.readouterr().out
+    (constraint,) = parse_constraints([{"reward": {"path": str(output_dir)}, "min": 0}])
+    assert constraint.reward_func.type == "lm" and constraint.name == "rm"
+
+    assert main(["reward", "train", "--config", str(config), "--reward_type", "ppo"]) == 2
+    assert "l3m: error: reward_type: must be one of lm, seqcls, got 'ppo'" in capsys.readouterr().err
+    assert main(["reward", "train", "--config", str(config), "--dataset_name", str(tmp_path / "rm.yaml")]) == 2
+    assert "dataset_name: expected .json, .jsonl or .parquet files" in capsys.readouterr().err
+
+
+def test_l3m_train_with_a_missing_reward_model_fails_in_one_line(tmp_path, capsys):
+    from l3m.cli import main
+
+    assert main(["train", "--output_dir", str(tmp_path / "out"), "--constraints",
+                 "[{name: helpful, reward: {type: lm, path: /nonexistent/rm}, min: 0}]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "l3m: error: constraints[helpful].reward.path: no such folder '/nonexistent/rm'"
+    assert not (tmp_path / "out").exists()

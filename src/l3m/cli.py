@@ -1,4 +1,4 @@
-"""The ``l3m`` command: ``l3m train | eval | demo``.
+"""The ``l3m`` command: ``l3m train | eval | demo | reward``.
 
 ``train`` and ``eval`` read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
 :class:`l3m.ModelConfig` from ``--config file.yaml``; ``--field value`` flags override the file (as TRL's CLI).
@@ -17,7 +17,7 @@ from l3m.errors import L3MConfigError, L3MError
 
 
 
-def _parser_for_configs():
+def _parser_for_configs(types: tuple | None = None):
     from transformers import HfArgumentParser
 
     from l3m.config import L3MConfig, ModelConfig, ScriptArguments
@@ -28,15 +28,16 @@ def _parser_for_configs():
             raise L3MConfigError(message.replace("argument --", "").replace("/--", " (--", 1).replace(":", "):", 1)
                                  if message.startswith("argument --") else message)
 
-    return _Parser((ScriptArguments, L3MConfig, ModelConfig))
+    return _Parser(types or (ScriptArguments, L3MConfig, ModelConfig))
 
 
-def parse_config(argv: list[str], extra_keys: tuple[str, ...] = ()):
+def parse_config(argv: list[str], extra_keys: tuple[str, ...] = (), types: tuple | None = None):
     """Parse ``--config file.yaml`` plus ``--field value`` overrides.
 
     Returns ``(script_args, training_args, model_args, extras)``; ``extras`` holds the values of ``extra_keys``.
+    ``types`` replaces the three dataclasses (``l3m reward train`` parses its own).
     """
-    parser = _parser_for_configs()
+    parser = _parser_for_configs(types)
     for key in extra_keys:
         parser.add_argument(f"--{key}", default=None)
     parser.add_argument("--config", default=None, help="A YAML file whose keys are field names.")
@@ -68,8 +69,8 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
-def load_model_and_tokenizer(model_args, path: str | None = None):
-    """Load the policy and its tokenizer; ``demo`` names the embedded SmolLM2-135M-Instruct."""
+def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=None, **model_kwargs):
+    """Load the policy (or ``auto_class``) and its tokenizer; ``demo`` names the embedded SmolLM2-135M-Instruct."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,8 +86,8 @@ def load_model_and_tokenizer(model_args, path: str | None = None):
         raise L3MConfigError(f"dtype: unknown dtype {model_args.dtype!r}; use one of {sorted(dtypes)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtypes[model_args.dtype],
-                                                     trust_remote_code=model_args.trust_remote_code)
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(
+            name, dtype=dtypes[model_args.dtype], trust_remote_code=model_args.trust_remote_code, **model_kwargs)
     except OSError as err:
         raise L3MConfigError(f"model_name_or_path: cannot load {name!r} ({str(err).splitlines()[0]})") from err
     return model, tokenizer
@@ -196,16 +197,60 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_reward(argv: list[str]) -> int:
+    """``l3m reward train --config rm.yaml`` and ``l3m reward build-standin``."""
+    sub = {"train": cmd_reward_train, "build-standin": cmd_reward_build_standin}
+    if not argv or argv[0] not in sub:
+        print("usage: l3m reward {train,build-standin} ...\n\n"
+              "  train          learn a reward model from preference pairs (Bradley-Terry, App. A.1)\n"
+              "  build-standin  build the offline helpful/harmless stand-in preference data (docs/reward_models.md)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return sub[argv[0]](argv[1:])
+
+
+def cmd_reward_train(argv: list[str]) -> int:
+    from l3m.config import ModelConfig
+    from l3m.reward_training import RewardConfig, RewardScriptArguments, train_reward_model
+
+    script_args, reward_args, model_args, _ = parse_config(
+        argv, types=(RewardScriptArguments, RewardConfig, ModelConfig))
+    metrics = train_reward_model(script_args, reward_args, model_args)
+    print(json.dumps(metrics, indent=2))
+    print(f"Saved the reward model to {reward_args.output_dir}; constrain it with "
+          f"reward: {{path: {reward_args.output_dir}}}")
+    return 0
+
+
+def cmd_reward_build_standin(argv: list[str]) -> int:
+    from l3m.standin import StandinSettings, build_standin
+
+    parser = argparse.ArgumentParser(prog="l3m reward build-standin",
+                                     description="Build the offline helpful/harmless stand-in preference data.")
+    defaults = StandinSettings()
+    for f in dataclasses.fields(StandinSettings):
+        kind = int if f.name == "max_prompts" else type(getattr(defaults, f.name))
+        parser.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name))
+    parser.add_argument("--output_dir", default=None, help="Where to write it (default: the l3m cache).")
+    values = vars(parser.parse_args(argv))
+    output_dir = values.pop("output_dir")
+    paths = build_standin(StandinSettings(**values), output_dir)
+    with open(paths["stats"], encoding="utf-8") as f:
+        print(f.read())
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "reward": cmd_reward}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: l3m {train,eval,demo} [--config FILE] [--field value ...]\n\n"
+        print("usage: l3m {train,eval,demo,reward} [--config FILE] [--field value ...]\n\n"
               "  train  fine-tune a model under reward constraints (L3M); plain SFT without constraints\n"
               "  eval   task log-perplexity and constraint rewards of a saved model on the test split\n"
-              "  demo   the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M\n\n"
+              "  demo   the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M\n"
+              "  reward train / build-standin: learn a preference reward model; build the offline HH stand-in\n\n"
               "`l3m train --help` lists every field.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

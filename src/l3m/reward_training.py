@@ -203,3 +203,47 @@ def save_reward_model(trainer: RewardModelTrainer, output_dir: str, metrics: dic
         json.dump(info, f, indent=2)
     os.replace(path + ".tmp", path)
     return path
+
+
+def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, model_args) -> dict[str, float]:
+    """What ``l3m reward train`` does: load pairs and the base model, train, keep the best, report held-out
+    pairwise accuracy before and after on the test split, and save with ``l3m_reward.json``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from l3m.cli import load_model_and_tokenizer
+    from l3m.data import load_task_splits
+    from l3m.preference import check_preference_columns
+
+    name = script_args.dataset_name
+    if not name:
+        raise L3MConfigError("dataset_name: required (a hub dataset, a local .json/.jsonl/.parquet file, or "
+                             "standin-helpful / standin-harmless)")
+    if name.startswith("standin-"):
+        from l3m.standin import PREFERENCES, build_standin
+
+        preference = name.removeprefix("standin-")
+        if preference not in PREFERENCES:
+            raise L3MConfigError(f"dataset_name: the stand-in has {', '.join('standin-' + p for p in PREFERENCES)}, "
+                                 f"not {name!r}")
+        name = build_standin()[preference]
+    splits = load_task_splits(name, script_args.dataset_config, (script_args.dataset_train_split,
+                              script_args.dataset_validation_split, script_args.dataset_test_split),
+                              script_args.validation_size, script_args.test_size, args.seed,
+                              data_dir=script_args.dataset_data_dir)
+    for split_name, split in splits.items():
+        check_preference_columns(split, split_name)  # data errors surface before a slow model load
+    extra = {"num_labels": 1} if args.reward_type == "seqcls" else {}
+    model, tokenizer = load_model_and_tokenizer(
+        model_args, auto_class=AutoModelForSequenceClassification if args.reward_type == "seqcls" else None, **extra)
+    trainer = RewardModelTrainer(model=model, args=args, train_dataset=splits["train"],
+                                 eval_dataset=splits["validation"], processing_class=tokenizer)
+    test = prepare_preference_dataset(splits["test"], tokenizer, args.max_length, "test")
+    before = trainer.evaluate(test, metric_key_prefix="test")
+    trainer.train()
+    after = trainer.evaluate(test, metric_key_prefix="test")
+    metrics = {"test_accuracy_before": before["test_accuracy"], "test_accuracy": after["test_accuracy"],
+               "test_loss": after["test_loss"], "best_validation_accuracy": trainer.state.best_metric,
+               "num_pairs": {"train": len(trainer.train_dataset), "validation": len(trainer.eval_dataset),
+                             "test": len(test)}}
+    save_reward_model(trainer, args.output_dir, metrics)
+    return metrics
