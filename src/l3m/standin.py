@@ -51,11 +51,11 @@ class StandinSettings:
 
     samples_per_prompt: int = 2
     deflections_per_prompt: int = 1
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 0.9
     min_gap: float = 0.1
-    max_prompts: int | None = None
+    max_prompts: int | None = 300  # of 748 distinct prompts: sampling all takes over an hour on 2 busy CPU cores
     batch_size: int = 16
     seed: int = 0
 
