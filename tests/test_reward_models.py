@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -339,3 +340,18 @@ def test_l3m_train_with_a_missing_reward_model_fails_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err == "l3m: error: constraints[helpful].reward.path: no such folder '/nonexistent/rm'"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples", "configs", "reward", "*.yaml"))), ids=os.path.basename)
+def test_example_reward_configs_parse(path):
+    from l3m.cli import parse_config
+    from l3m.config import ModelConfig
+    from l3m.reward_training import RewardScriptArguments
+
+    script_args, args, model_args, _ = parse_config(["--config", path],
+                                                    types=(RewardScriptArguments, RewardConfig, ModelConfig))
+    assert model_args.model_name_or_path == "demo" and script_args.dataset_name.startswith("standin-")
+    assert args.reward_type == "lm" and args.load_best_model_at_end and args.output_dir.startswith("outputs/rm_")
+    with open(path, encoding="utf-8") as f:
+        assert f.readline().startswith("# Launch:")
