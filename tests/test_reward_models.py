@@ -355,3 +355,27 @@ def test_example_reward_configs_parse(path):
     assert args.reward_type == "lm" and args.load_best_model_at_end and args.output_dir.startswith("outputs/rm_")
     with open(path, encoding="utf-8") as f:
         assert f.readline().startswith("# Launch:")
+
+
+def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
+    from l3m.cli import main
+
+    model_dir = _save_causal_lm(tmp_path / "policy")
+    helpful, harmless = _save_causal_lm(tmp_path / "rm_helpful", seed=1), _save_causal_lm(tmp_path / "rm_harmless",
+                                                                                              seed=2)
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(64, 2, 5, seed=0)))
+    out = tmp_path / "hh"
+    assert main(["reward", "experiment", "--quick", "--model_name_or_path", model_dir, "--dataset_name", str(data),
+                 "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
+                 "--max_completion_length", "6", "--learning_rate", "1e-3"]) == 0
+    results = json.load(open(out / "results.json"))
+    assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]
+    (point,) = results["points"]
+    sft = results["runs"][1]["summary"]
+    assert point == pytest.approx([sft["helpful/mean"] + 0.05, sft["harmless/mean"] + 0.05], abs=1e-3)
+    for run in results["runs"]:
+        assert run["summary"]["num_examples"] == 8 and run["summary"]["helpful/mean"] < 0
+        assert (run["satisfied"] is None) == (run["constraint"] is None)
+    assert (out / "fig3_rewards.png").stat().st_size > 10_000
+    assert "task log-ppl mean ± std" in capsys.readouterr().out

@@ -199,11 +199,13 @@ def cmd_demo(argv: list[str]) -> int:
 
 def cmd_reward(argv: list[str]) -> int:
     """``l3m reward train --config rm.yaml`` and ``l3m reward build-standin``."""
-    sub = {"train": cmd_reward_train, "build-standin": cmd_reward_build_standin}
+    sub = {"train": cmd_reward_train, "build-standin": cmd_reward_build_standin,
+           "experiment": cmd_reward_experiment}
     if not argv or argv[0] not in sub:
-        print("usage: l3m reward {train,build-standin} ...\n\n"
+        print("usage: l3m reward {train,build-standin,experiment} ...\n\n"
               "  train          learn a reward model from preference pairs (Bradley-Terry, App. A.1)\n"
-              "  build-standin  build the offline helpful/harmless stand-in preference data (docs/reward_models.md)")
+              "  build-standin  build the offline helpful/harmless stand-in preference data (docs/reward_models.md)\n"
+              "  experiment     Fig. 3: initial, SFT, L3Ms and MMs under two learned reward constraints")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return sub[argv[0]](argv[1:])
 
@@ -237,6 +239,21 @@ def cmd_reward_build_standin(argv: list[str]) -> int:
     with open(paths["stats"], encoding="utf-8") as f:
         print(f.read())
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    return 0
+
+
+def cmd_reward_experiment(argv: list[str]) -> int:
+    from l3m.hh_experiment import ExperimentSettings, run_experiment
+
+    parser = argparse.ArgumentParser(prog="l3m reward experiment",
+                                     description="Fig. 3 of the L3M paper on the offline HH stand-in, on CPU.")
+    defaults = ExperimentSettings()
+    for f in dataclasses.fields(ExperimentSettings):
+        if f.name == "quick":
+            parser.add_argument("--quick", action="store_true", help="A smoke run: one point, 4 steps, 8 prompts.")
+        else:
+            parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    run_experiment(ExperimentSettings(**vars(parser.parse_args(argv))))
     return 0
 
 
