@@ -184,16 +184,26 @@ def _load_adapter(model_dir: str):
     return AutoPeftModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
+def _settings_from_argv(cls, argv: list[str], prog: str, description: str, skip: tuple[str, ...] = ()):
+    """A settings dataclass from ``--field value`` flags (a boolean field is a switch); ``skip`` stays default."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        if f.name in skip:
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true")
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    return cls(**vars(parser.parse_args(argv)))
+
+
 def cmd_demo(argv: list[str]) -> int:
     from l3m.demo import DemoSettings, run_demo
 
-    parser = argparse.ArgumentParser(prog="l3m demo", description="Fig. 2 of the L3M paper, offline, on CPU.")
-    defaults = DemoSettings()
-    for f in dataclasses.fields(DemoSettings):
-        if f.name != "runs":
-            parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
-    settings = DemoSettings(**vars(parser.parse_args(argv)))
-    run_demo(settings)
+    run_demo(_settings_from_argv(DemoSettings, argv, "l3m demo", "Fig. 2 of the L3M paper, offline, on CPU.",
+                                 skip=("runs",)))
     return 0
 
 
@@ -226,16 +236,9 @@ def cmd_reward_train(argv: list[str]) -> int:
 def cmd_reward_build_standin(argv: list[str]) -> int:
     from l3m.standin import StandinSettings, build_standin
 
-    parser = argparse.ArgumentParser(prog="l3m reward build-standin",
-                                     description="Build the offline helpful/harmless stand-in preference data.")
-    defaults = StandinSettings()
-    for f in dataclasses.fields(StandinSettings):
-        kind = int if f.name == "max_prompts" else type(getattr(defaults, f.name))
-        parser.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name))
-    parser.add_argument("--output_dir", default=None, help="Where to write it (default: the l3m cache).")
-    values = vars(parser.parse_args(argv))
-    output_dir = values.pop("output_dir")
-    paths = build_standin(StandinSettings(**values), output_dir)
+    settings = _settings_from_argv(StandinSettings, argv, "l3m reward build-standin",
+                                   "Build the offline helpful/harmless stand-in preference data in the l3m cache.")
+    paths = build_standin(settings)
     with open(paths["stats"], encoding="utf-8") as f:
         print(f.read())
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
@@ -245,15 +248,8 @@ def cmd_reward_build_standin(argv: list[str]) -> int:
 def cmd_reward_experiment(argv: list[str]) -> int:
     from l3m.hh_experiment import ExperimentSettings, run_experiment
 
-    parser = argparse.ArgumentParser(prog="l3m reward experiment",
-                                     description="Fig. 3 of the L3M paper on the offline HH stand-in, on CPU.")
-    defaults = ExperimentSettings()
-    for f in dataclasses.fields(ExperimentSettings):
-        if f.name == "quick":
-            parser.add_argument("--quick", action="store_true", help="A smoke run: one point, 4 steps, 8 prompts.")
-        else:
-            parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
-    run_experiment(ExperimentSettings(**vars(parser.parse_args(argv))))
+    run_experiment(_settings_from_argv(ExperimentSettings, argv, "l3m reward experiment",
+                                       "Fig. 3 of the L3M paper on the offline HH stand-in, on CPU."))
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from l3m.config import ScriptArguments
 from l3m.errors import L3MConfigError
 from l3m.preference import PairCollator, prepare_preference_dataset
 from l3m.rewards.models import REWARD_INFO_NAME, REWARD_MODEL_TYPES, sequence_rewards
@@ -90,29 +91,15 @@ class RewardConfig(TrainingArguments):
 
 
 @dataclass
-class RewardScriptArguments:
-    """Where the preference data comes from (``l3m reward train``)."""
+class RewardScriptArguments(ScriptArguments):
+    """Where the preference data comes from (``l3m reward train``): the task data's fields plus ``dataset_data_dir``.
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A hub dataset (e.g. Anthropic/hh-rlhf) or a local .json/.jsonl/.parquet file or folder "
-                          "with 'prompt'/'chosen'/'rejected' or HH 'chosen'/'rejected' transcripts."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
+    ``dataset_name`` takes a hub dataset (e.g. ``Anthropic/hh-rlhf``), local files with ``prompt``/``chosen``/
+    ``rejected`` or HH ``chosen``/``rejected`` transcripts, or ``standin-helpful`` / ``standin-harmless``.
+    """
+
     dataset_data_dir: str | None = field(
         default=None, metadata={"help": "The hub dataset's subfolder, e.g. harmless-base of Anthropic/hh-rlhf."}
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_validation_split: str = field(
-        default="validation", metadata={"help": "Split that picks the best checkpoint."}
-    )
-    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split of the final accuracy."})
-    validation_size: float = field(
-        default=0.05, metadata={"help": "When the source has no validation split: fraction (< 1) or count held out "
-                                        "(App. A.1: 5%)."}
-    )
-    test_size: float = field(
-        default=0.05, metadata={"help": "When the source has no test split: fraction (< 1) or count held out."}
     )
 
 
@@ -232,6 +219,8 @@ def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, m
                               data_dir=script_args.dataset_data_dir)
     for split_name, split in splits.items():
         check_preference_columns(split, split_name)  # data errors surface before a slow model load
+    if script_args.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(script_args.max_train_samples, len(splits["train"]))))
     extra = {"num_labels": 1} if args.reward_type == "seqcls" else {}
     model, tokenizer = load_model_and_tokenizer(
         model_args, auto_class=AutoModelForSequenceClassification if args.reward_type == "seqcls" else None, **extra)

@@ -55,7 +55,7 @@ class StandinSettings:
     temperature: float = 1.0
     top_p: float = 0.9
     min_gap: float = 0.1
-    max_prompts: int | None = 300  # of 748 distinct prompts: sampling all takes over an hour on 2 busy CPU cores
+    max_prompts: int = 300  # of 748 distinct prompts (0: all); sampling all takes over an hour on 2 busy CPU cores
     batch_size: int = 16
     seed: int = 0
 
@@ -106,8 +106,8 @@ class RelevanceScorer:
         return (self.embed(prompts) * self.embed(responses)).sum(-1).tolist()
 
 
-def standin_prompts(max_prompts: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """Distinct first user turns of chatterbot-corpus with the corpus's answer, in a seeded order."""
+def standin_prompts(max_prompts: int = 0, seed: int = 0) -> list[dict[str, str]]:
+    """Distinct first user turns of chatterbot-corpus with the corpus's answer, in a seeded order (0: all)."""
     first = {}
     for record in chatterbot_conversations():
         user, answer = record["messages"][0]["content"], record["messages"][1]["content"]
