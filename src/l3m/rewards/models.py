@@ -110,8 +110,9 @@ class ModelReward:
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
-            where = "folder" if os.path.isdir(path) else "folder, and cannot be loaded from the hub:"
-            raise L3MConfigError(f"{field}.path: {path!r} is not a model {where} ({str(err).splitlines()[0]})") from err
+            what = ("is not a model folder" if os.path.isdir(path)
+                    else "is no local folder and cannot be loaded from the hub")
+            raise L3MConfigError(f"{field}.path: {path!r} {what} ({str(err).splitlines()[0]})") from err
         info = read_reward_info(path) if os.path.isdir(path) else None
         if info is not None:
             if type is not None and type != info.get("type"):
