@@ -67,7 +67,7 @@ def resolve_reward(reward: str | dict | RewardFunc, field: str = "reward") -> Re
 
         return reward_model_from_spec(reward, field)
     if not isinstance(reward, str) or not reward:
-        raise L3MConfigError(f"{field}: expected a reward name, 'module:function' or a reward model mapping "
+        raise L3MConfigError(f"{field}: expected a reward name or 'module:function' or a reward model mapping "
                              f"{{type: lm, path: ...}}, got {reward!r}")
     if reward in REWARD_REGISTRY:
         return REWARD_REGISTRY[reward]
