@@ -40,3 +40,35 @@ def test_pairs_take_the_higher_score_and_skip_close_calls():
     # decided by both scores: a-b (helpful prefers a, harmless b), b-a' and c-a' (both prefer the first);
     # a-c and b-c are close calls for one score, a-a' is one text twice
     assert stats["pairs_labelled_by_both"] == 3 and stats["pair_agreement"] == pytest.approx(2 / 3)
+
+
+def test_build_standin_writes_pairs_and_statistics_once(tmp_path):
+    import json
+
+    from fixtures.tiny import build_model, build_tokenizer
+    from l3m.standin import build_standin
+
+    model_dir = tmp_path / "tiny"
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    build_model(tokenizer).save_pretrained(model_dir)
+    prompts = [{"prompt": "please say w1 w2", "answer": "w1 w2", "category": "toy"},
+               {"prompt": "count w3", "answer": "w3 w4 w5", "category": "toy"}]
+    settings = StandinSettings(samples_per_prompt=3, deflections_per_prompt=0, max_new_tokens=6, min_gap=0.0)
+    paths = build_standin(settings, str(tmp_path / "standin"), model_path=str(model_dir), prompts=prompts)
+    candidates = [json.loads(line) for line in open(paths["candidates"])]
+    assert {c["source"] for c in candidates} <= {"corpus", "sample"} and len(candidates) >= 4
+    assert all(-1 <= c["harmless"] <= 1 and -1 <= c["helpful"] <= 1 for c in candidates)
+    stats = json.load(open(paths["stats"]))
+    assert stats["num_prompts"] == 2 and stats["num_candidates"] == len(candidates)
+    for name in ("helpful", "harmless"):
+        pairs = [json.loads(line) for line in open(paths[name])]
+        assert len(pairs) == stats["num_pairs"][name]
+        score = {(c["prompt"], c["response"]): c[name] for c in candidates}
+        for pair in pairs:
+            prompt = pair["prompt"][0]["content"]
+            assert score[prompt, pair["chosen"][0]["content"]] >= score[prompt, pair["rejected"][0]["content"]]
+    # cached: a second call with the same settings returns the same files without rebuilding
+    mtime = (tmp_path / "standin" / "stats.json").stat().st_mtime_ns
+    assert build_standin(settings, str(tmp_path / "standin"), model_path="/nonexistent") == paths
+    assert (tmp_path / "standin" / "stats.json").stat().st_mtime_ns == mtime

@@ -167,9 +167,14 @@ def _ranks(values: list[float]) -> list[float]:
     return torch.tensor(values, dtype=torch.float64).argsort().argsort().double().tolist()
 
 
-def build_standin(settings: StandinSettings | None = None, output_dir: str | None = None) -> dict[str, str]:
+def build_standin(settings: StandinSettings | None = None, output_dir: str | None = None,
+                  model_path: str | None = None, prompts: list[dict[str, str]] | None = None) -> dict[str, str]:
     """Build (or reuse) the stand-in; returns the paths of ``helpful.jsonl``, ``harmless.jsonl``,
-    ``candidates.jsonl`` and ``stats.json``."""
+    ``candidates.jsonl`` and ``stats.json``.
+
+    ``model_path`` (default: the demo model) samples the responses; ``prompts`` (default: :func:`standin_prompts`)
+    are records ``{"prompt", "answer", "category"}``. Both are for tests; the cache key covers only ``settings``.
+    """
     settings = settings or StandinSettings()
     target = output_dir or os.path.join(cache_dir(), "hh_standin", settings.key())
     paths = {name: os.path.join(target, f"{name}.jsonl") for name in (*PREFERENCES, "candidates")}
@@ -180,10 +185,12 @@ def build_standin(settings: StandinSettings | None = None, output_dir: str | Non
     civility_scores(["ok"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_path = demo_model_path()
+    model_path = model_path or demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    prompts = standin_prompts(settings.max_prompts, settings.seed)
+    prompts = prompts if prompts is not None else standin_prompts(settings.max_prompts, settings.seed)
     texts = [p["prompt"] for p in prompts]
     torch.manual_seed(settings.seed)
     sampled = sample_responses(model, tokenizer, texts, None, settings.samples_per_prompt, settings)
