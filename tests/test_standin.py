@@ -54,18 +54,24 @@ def test_build_standin_writes_pairs_and_statistics_once(tmp_path):
     build_model(tokenizer).save_pretrained(model_dir)
     prompts = [{"prompt": "please say w1 w2", "answer": "w1 w2", "category": "toy"},
                {"prompt": "count w3", "answer": "w3 w4 w5", "category": "toy"}]
-    settings = StandinSettings(samples_per_prompt=3, deflections_per_prompt=0, max_new_tokens=6, min_gap=0.0)
+    settings = StandinSettings(samples_per_prompt=3, deflections_per_prompt=0, max_new_tokens=6, min_gap=0.0,
+                               test_fraction=0.5)
     paths = build_standin(settings, str(tmp_path / "standin"), model_path=str(model_dir), prompts=prompts)
     candidates = [json.loads(line) for line in open(paths["candidates"])]
     assert {c["source"] for c in candidates} <= {"corpus", "sample"} and len(candidates) >= 4
     assert all(-1 <= c["harmless"] <= 1 and -1 <= c["helpful"] <= 1 for c in candidates)
     stats = json.load(open(paths["stats"]))
     assert stats["num_prompts"] == 2 and stats["num_candidates"] == len(candidates)
+    from l3m.data import load_task_splits
+
     for name in ("helpful", "harmless"):
-        pairs = [json.loads(line) for line in open(paths[name])]
-        assert len(pairs) == stats["num_pairs"][name]
+        splits = load_task_splits(paths[name], validation_size=1)  # train.jsonl and test.jsonl are kept as splits
+        assert {k: len(v) for k, v in splits.items() if k != "validation"} == {
+            "train": stats["num_pairs"][name]["train"] - 1, "test": stats["num_pairs"][name]["test"]}
+        prompts_of = {k: {p["prompt"][0]["content"] for p in v} for k, v in splits.items()}
+        assert len(prompts_of["test"]) == 1 and not prompts_of["test"] & prompts_of["train"]  # split by prompt
         score = {(c["prompt"], c["response"]): c[name] for c in candidates}
-        for pair in pairs:
+        for pair in splits["train"]:
             prompt = pair["prompt"][0]["content"]
             assert score[prompt, pair["chosen"][0]["content"]] >= score[prompt, pair["rejected"][0]["content"]]
     # cached: a second call with the same settings returns the same files without rebuilding

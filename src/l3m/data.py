@@ -36,6 +36,9 @@ def load_task_splits(
 ) -> DatasetDict:
     """Load task data from the hub or local JSON/JSONL/Parquet files into ``train``/``validation``/``test``.
 
+    A local folder whose files are named ``train``/``validation``/``test`` (e.g. ``train.jsonl``, ``test.jsonl``)
+    keeps those splits; the files of any other folder are all training data.
+
     Splits the source lacks are carved out of its train split with ``seed``, so they are the same on every run.
     ``data_dir`` selects a hub dataset's subfolder (e.g. ``harmless-base`` of ``Anthropic/hh-rlhf``).
     """
@@ -79,8 +82,12 @@ def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | Non
         builders = {_LOCAL_BUILDERS.get(ext) for ext in extensions}
         if None in builders or len(builders) != 1:
             raise L3MDataError(f"dataset_name: expected .json, .jsonl or .parquet files, got {sorted(extensions)}")
+        # a folder of train/validation/test files keeps those splits; any other files are all training data
+        stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+        by_split = ({stem: [f] for stem, f in zip(stems, files)} if "train" in stems and len(set(stems)) == len(stems)
+                    and set(stems) <= {"train", "validation", "test"} else {"train": files})
         try:
-            return load_dataset(builders.pop(), data_files={"train": files})
+            return load_dataset(builders.pop(), data_files=by_split)
         except Exception as err:  # datasets raises many types for malformed files
             raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
     return load_dataset(dataset_name, dataset_config, data_dir=data_dir)

@@ -13,7 +13,8 @@ the preferences come from two fixed scorers, not from people.
   civility score.
 
 Every two responses to one prompt whose scores differ by at least ``min_gap`` make a pair, the higher one chosen,
-separately for each preference; pairs are in TRL's conversational ``prompt``/``chosen``/``rejected`` format. The two
+separately for each preference; pairs are in TRL's conversational ``prompt``/``chosen``/``rejected`` format, and the
+pairs of a ``test_fraction`` of the prompts form the test split. The two
 scores pull against each other where a relevant answer must repeat a negative request ("my screen is flickering")
 and a civil one changes the subject; ``stats.json`` records their measured correlation. The build is cached under
 :func:`l3m.assets.cache_dir`, keyed by its settings.
@@ -55,6 +56,7 @@ class StandinSettings:
     temperature: float = 1.0
     top_p: float = 0.9
     min_gap: float = 0.1
+    test_fraction: float = 0.2  # prompts whose pairs form the test split: held-out pairs share no prompt
     max_prompts: int = 120  # of 748 distinct prompts (0: all); 3 sampled responses each take the most time
     batch_size: int = 16
     seed: int = 0
@@ -169,15 +171,16 @@ def _ranks(values: list[float]) -> list[float]:
 
 def build_standin(settings: StandinSettings | None = None, output_dir: str | None = None,
                   model_path: str | None = None, prompts: list[dict[str, str]] | None = None) -> dict[str, str]:
-    """Build (or reuse) the stand-in; returns the paths of ``helpful.jsonl``, ``harmless.jsonl``,
-    ``candidates.jsonl`` and ``stats.json``.
+    """Build (or reuse) the stand-in; returns the paths of the ``helpful`` and ``harmless`` folders (each with
+    ``train.jsonl`` and ``test.jsonl``, split by prompt), ``candidates.jsonl`` and ``stats.json``.
 
     ``model_path`` (default: the demo model) samples the responses; ``prompts`` (default: :func:`standin_prompts`)
     are records ``{"prompt", "answer", "category"}``. Both are for tests; the cache key covers only ``settings``.
     """
     settings = settings or StandinSettings()
     target = output_dir or os.path.join(cache_dir(), "hh_standin", settings.key())
-    paths = {name: os.path.join(target, f"{name}.jsonl") for name in (*PREFERENCES, "candidates")}
+    paths = {name: os.path.join(target, name) for name in PREFERENCES}
+    paths["candidates"] = os.path.join(target, "candidates.jsonl")
     paths["stats"] = os.path.join(target, "stats.json")
     if os.path.exists(paths["stats"]):
         return paths
@@ -211,16 +214,24 @@ def build_standin(settings: StandinSettings | None = None, output_dir: str | Non
     by_prompt: dict[str, list[dict]] = {}
     for c in candidates:
         by_prompt.setdefault(c["prompt"], []).append(c)
-    datasets = {name: [pair for prompt, group in by_prompt.items()
-                       for pair in label_pairs(prompt, group, name, settings.min_gap)] for name in PREFERENCES}
+    held_out = set(texts[:round(settings.test_fraction * len(texts))])  # the prompts are in a seeded order
+    files = {}
+    for name in PREFERENCES:
+        for split in ("train", "test"):
+            files[f"{name}/{split}.jsonl"] = [pair for prompt, group in by_prompt.items()
+                                              if (prompt in held_out) == (split == "test")
+                                              for pair in label_pairs(prompt, group, name, settings.min_gap)]
+    files["candidates.jsonl"] = candidates
     stats = _statistics(candidates, by_prompt, settings)
-    stats["num_pairs"] = {name: len(pairs) for name, pairs in datasets.items()}
+    stats["num_pairs"] = {name: {split: len(files[f"{name}/{split}.jsonl"]) for split in ("train", "test")}
+                          for name in PREFERENCES}
 
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix="standin.", dir=os.path.dirname(target))
     try:
-        for name, rows in (*datasets.items(), ("candidates", candidates)):
-            with open(os.path.join(staging, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+        for name, rows in files.items():
+            os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
         with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as f:
             json.dump({"settings": asdict(settings), **stats}, f, indent=2)
