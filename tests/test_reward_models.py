@@ -379,3 +379,20 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
         assert (run["satisfied"] is None) == (run["constraint"] is None)
     assert (out / "fig3_rewards.png").stat().st_size > 10_000
     assert "task log-ppl mean ± std" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_fig3_experiment_quick_on_the_demo_model(tmp_path):
+    """`l3m reward experiment --quick` on the embedded default; the demo model itself serves as both (untrained) LM
+    reward models, so the run needs no trained reward model."""
+    from l3m.assets import demo_model_path
+    from l3m.cli import main
+
+    model = demo_model_path()
+    assert main(["reward", "experiment", "--quick", "--helpful_rm", model, "--harmless_rm", model,
+                 "--output_dir", str(tmp_path / "hh")]) == 0
+    results = json.load(open(tmp_path / "hh" / "results.json"))
+    assert len(results["runs"]) == 4 and (tmp_path / "hh" / "fig3_rewards.png").exists()
+    # one reward model scored twice: the two mean rewards are equal for every model
+    for run in results["runs"]:
+        assert run["summary"]["helpful/mean"] == pytest.approx(run["summary"]["harmless/mean"], abs=1e-4)
