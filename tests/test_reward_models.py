@@ -97,6 +97,19 @@ def test_parse_hh_transcript_and_bad_preference_data():
         prepare_preference_dataset(Dataset.from_list(_toy_pairs(4, seed=0)), tokenizer, max_length=3)
 
 
+def test_implicit_prompt_conversations_split_like_hh_transcripts():
+    tokenizer = build_tokenizer()
+    user = {"role": "user", "content": "please say w1"}
+    implicit = prepare_preference_dataset(Dataset.from_list([{
+        "chosen": [user, {"role": "assistant", "content": "w2"}],
+        "rejected": [user, {"role": "assistant", "content": "w33"}]}]), tokenizer, 512)
+    hh = prepare_preference_dataset(Dataset.from_list([{
+        "chosen": "\n\nHuman: please say w1\n\nAssistant: w2",
+        "rejected": "\n\nHuman: please say w1\n\nAssistant: w33"}]), tokenizer, 512)
+    assert implicit[0] == hh[0]
+    assert implicit[0]["prompt"] == "<|im_start|> user: please say w1 <|im_end|> <|im_start|> assistant: "
+
+
 def test_standard_string_pairs_are_used_as_they_are():
     tokenizer = build_tokenizer()
     data = prepare_preference_dataset(Dataset.from_list([{"prompt": "please say w1", "chosen": "w2",
