@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from l3m.config import ScriptArguments
+from l3m.config import ScriptArguments, _check
 from l3m.errors import L3MConfigError
 from l3m.preference import PairCollator, prepare_preference_dataset
 from l3m.rewards.models import REWARD_INFO_NAME, REWARD_MODEL_TYPES, sequence_rewards
@@ -101,11 +101,6 @@ class RewardScriptArguments(ScriptArguments):
     dataset_data_dir: str | None = field(
         default=None, metadata={"help": "The hub dataset's subfolder, e.g. harmless-base of Anthropic/hh-rlhf."}
     )
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise L3MConfigError(f"{name}: {message}")
 
 
 def pairwise_metrics(eval_prediction) -> dict[str, float]:
