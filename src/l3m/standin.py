@@ -210,11 +210,19 @@ def build_standin(settings: StandinSettings | None = None, output_dir: str | Non
     harmless = civility_scores([c["response"] for c in candidates])
     for c, h, s in zip(candidates, helpful, harmless):
         c["helpful"], c["harmless"] = h, s
+    write_standin(candidates, settings, target)
+    return paths
 
+
+def write_standin(candidates: list[dict], settings: StandinSettings, target: str) -> None:
+    """Label pairs of scored candidates, split them by prompt, and write the stand-in's files to ``target``.
+
+    The first ``test_fraction`` of the prompts, in the candidates' (seeded) order, form the test split.
+    """
     by_prompt: dict[str, list[dict]] = {}
     for c in candidates:
         by_prompt.setdefault(c["prompt"], []).append(c)
-    held_out = set(texts[:round(settings.test_fraction * len(texts))])  # the prompts are in a seeded order
+    held_out = set(list(by_prompt)[:round(settings.test_fraction * len(by_prompt))])
     files = {}
     for name in PREFERENCES:
         for split in ("train", "test"):
@@ -241,7 +249,6 @@ def build_standin(settings: StandinSettings | None = None, output_dir: str | Non
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return paths
 
 
 def _statistics(candidates: list[dict], by_prompt: dict[str, list[dict]], settings: StandinSettings) -> dict:
