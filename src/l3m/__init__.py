@@ -2,7 +2,7 @@
 
 from l3m.config import L3MConfig, ModelConfig, ScriptArguments
 from l3m.constraints import Constraint
-from l3m.errors import L3MConfigError, L3MDataError, L3MError
+from l3m.errors import L3MConfigError, L3MDataError, L3MError, L3MTrainingStopped
 from l3m.reward_training import RewardConfig, RewardModelTrainer
 from l3m.rewards.models import ModelReward
 from l3m.trainer import L3MTrainer
@@ -16,6 +16,7 @@ __all__ = [
     "L3MDataError",
     "L3MError",
     "L3MTrainer",
+    "L3MTrainingStopped",
     "ModelConfig",
     "ModelReward",
     "RewardConfig",

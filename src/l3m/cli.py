@@ -10,11 +10,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
 
-from l3m.errors import L3MConfigError, L3MError
-
+from l3m.errors import L3MConfigError, L3MError, L3MTrainingStopped
 
 
 def _parser_for_configs(types: tuple | None = None):
@@ -28,7 +30,7 @@ def _parser_for_configs(types: tuple | None = None):
             raise L3MConfigError(message.replace("argument --", "").replace("/--", " (--", 1).replace(":", "):", 1)
                                  if message.startswith("argument --") else message)
 
-    return _Parser(types or (ScriptArguments, L3MConfig, ModelConfig))
+    return _Parser(types or (ScriptArguments, L3MConfig, ModelConfig), allow_abbrev=False)  # a typo must not set a field
 
 
 def parse_config(argv: list[str], extra_keys: tuple[str, ...] = (), types: tuple | None = None):
@@ -50,14 +52,70 @@ def parse_config(argv: list[str], extra_keys: tuple[str, ...] = (), types: tuple
         unknown = sorted(set(values) - known)
         if unknown:
             raise L3MConfigError(f"--config: unknown field(s) {unknown} in {config_path}; see `l3m train --help`")
-        parser.set_defaults(**values)
-    script_args, training_args, model_args, *rest = parser.parse_args_into_dataclasses(
-        argv, return_remaining_strings=True)
+        actions = {action.dest: action for action in parser._actions}
+        parser.set_defaults(**{key: _typed_yaml_value(actions[key], value) for key, value in values.items()})
+    try:
+        script_args, training_args, model_args, *rest = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, L3MError):
+            raise
+        raise L3MConfigError(_training_arguments_message(str(err).splitlines()[0], argv, config_path)) from err
     remaining = rest.pop()
     if remaining:
         raise L3MConfigError(f"unknown argument(s) {remaining}; see `l3m train --help`")
     extras = vars(rest[0]) if rest else {}
     return script_args, training_args, model_args, {k: extras.get(k) for k in extra_keys}
+
+
+def _training_arguments_message(message: str, argv: list[str], config_path: str | None) -> str:
+    """Name the field in a transformers.TrainingArguments ValueError (e.g. ``foo is not a valid OptimizerNames``)."""
+    bad = re.match(r"(\S+) is not a valid \w+", message)
+    if bad:
+        from l3m.config import load_yaml_config
+
+        given = dict(load_yaml_config(config_path)) if config_path else {}
+        given.update(zip((a.lstrip("-") for a in argv[:-1]), argv[1:]))
+        fields = [k for k, v in given.items() if str(v) == bad.group(1)]
+        if fields:
+            return f"{fields[0]}: {message}"
+    return f"TrainingArguments: {message}"
+
+
+def _typed_yaml_value(action, value):
+    """Check a YAML value against its field's type, as argparse checks a command-line string.
+
+    argparse converts (and type-checks) string defaults only; YAML also gives numbers, booleans, lists and null.
+    """
+    name, kind = action.dest, getattr(action.type, "__name__", "")
+    if name == "resume_from_checkpoint" and isinstance(value, bool):
+        return "true" if value else None
+    if isinstance(value, str) or kind not in ("int", "float", "str", "string_to_bool"):
+        return value  # strings are converted by argparse; other field types are checked by their dataclass
+    if action.nargs in ("+", "*") and isinstance(value, list):
+        return [_typed_yaml_value(argparse.Namespace(dest=name, type=action.type, nargs=None, default=0), v)
+                for v in value]
+    if value is None:
+        if action.default is None:
+            return None
+        raise L3MConfigError(f"{name}: expected a value, got null; remove the key to keep the default "
+                             f"{action.default!r}")
+    if kind == "string_to_bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str fields may also hold lists or mappings (constraints, report_to, lr_scheduler_kwargs)
+        ok = isinstance(value, (list, dict))
+    if not ok:
+        expected = {"string_to_bool": "true or false", "int": "an integer", "float": "a number",
+                    "str": "a string (quote it)"}[kind]
+        raise L3MConfigError(f"{name}: expected {expected}, got {value!r}")
+    if kind == "float" and not math.isfinite(value) and name not in ("max_grad_norm",):
+        raise L3MConfigError(f"{name}: expected a finite number, got {value!r}")
+    return value
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -269,9 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except L3MTrainingStopped as err:
+        if err.signum is None:
+            print(f"l3m: error: {err}", file=sys.stderr)
+            return 2
+        print(f"l3m: {err}", file=sys.stderr)
+        return 128 + err.signum  # the shell's convention for "ended by signal N"
     except L3MError as err:
         print(f"l3m: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it: stop at once, quietly
+        print("l3m: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -118,11 +118,15 @@ def parse_constraints(specs: Sequence[dict[str, Any] | Constraint] | None) -> li
 
 def compute_rewards(
     constraints: Sequence[Constraint], prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+    allow_nonfinite: bool = False,
     **reward_kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``, checked to be finite numbers.
+    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``.
 
-    ``reward_kwargs`` are passed on to every reward function (the trainer passes ``trainer_state``, as TRL does).
+    A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`.
+    NaN or inf are an error too unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
+    and the step is skipped and counted, :mod:`l3m.guards`). ``reward_kwargs`` are passed on to every reward function
+    (the trainer passes ``trainer_state``, as TRL does).
     """
     rewards = {}
     n = len(completions)
@@ -140,7 +144,7 @@ def compute_rewards(
             tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as err:
             raise L3MConfigError(f"{where}: the reward function returned a non-number ({err})") from err
-        if not torch.isfinite(tensor).all():
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
             raise L3MConfigError(f"{where}: the reward function returned NaN or inf")
         rewards[constraint.name] = tensor
     return rewards

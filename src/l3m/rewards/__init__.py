@@ -79,8 +79,9 @@ def resolve_reward(reward: str | dict | RewardFunc, field: str = "reward") -> Re
     module_name, _, func_name = reward.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise L3MConfigError(f"{field}: cannot import module {module_name!r} of {reward!r} ({err})") from err
+    except Exception as err:  # not found, an invalid name (relative, empty), or the module's own code failing
+        raise L3MConfigError(f"{field}: cannot import module {module_name!r} of {reward!r} "
+                             f"({type(err).__name__}: {err})") from err
     func = getattr(module, func_name, None)
     if not callable(func):
         raise L3MConfigError(f"{field}: {module_name!r} has no callable named {func_name!r}")
