@@ -33,12 +33,17 @@ def load_task_splits(
     validation_size: float = 0.05,
     test_size: float = 0.05,
     seed: int = 42,
+    data_dir: str | None = None,
 ) -> DatasetDict:
     """Load task data from the hub or local JSON/JSONL/Parquet files into ``train``/``validation``/``test``.
 
+    A local folder whose files are named ``train``/``validation``/``test`` (e.g. ``train.jsonl``, ``test.jsonl``)
+    keeps those splits; the files of any other folder are all training data.
+
     Splits the source lacks are carved out of its train split with ``seed``, so they are the same on every run.
+    ``data_dir`` selects a hub dataset's subfolder (e.g. ``harmless-base`` of ``Anthropic/hh-rlhf``).
     """
-    raw = _load_raw(dataset_name, dataset_config)
+    raw = _load_raw(dataset_name, dataset_config, data_dir)
     train_name, validation_name, test_name = splits
     if train_name not in raw:
         raise L3MDataError(f"dataset_train_split: {dataset_name!r} has no split {train_name!r} (it has {list(raw)})")
@@ -63,7 +68,7 @@ def load_task_splits(
     return DatasetDict(out)
 
 
-def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
+def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | None = None) -> DatasetDict:
     if os.path.exists(dataset_name):
         if os.path.isdir(dataset_name):
             files = sorted(os.path.join(dataset_name, f) for f in os.listdir(dataset_name))
@@ -81,12 +86,16 @@ def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
         if builders == {"json"}:
             for f in files:
                 _check_utf8(f)
+        # a folder of train/validation/test files keeps those splits; any other files are all training data
+        stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+        by_split = ({stem: [f] for stem, f in zip(stems, files)} if "train" in stems and len(set(stems)) == len(stems)
+                    and set(stems) <= {"train", "validation", "test"} else {"train": files})
         try:
-            return load_dataset(builders.pop(), data_files={"train": files})
+            return load_dataset(builders.pop(), data_files=by_split)
         except Exception as err:  # datasets raises many types for malformed files
             raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
     try:
-        return load_dataset(dataset_name, dataset_config)
+        return load_dataset(dataset_name, dataset_config, data_dir=data_dir)
     except Exception as err:  # no such local path, and the hub has no such dataset or cannot be reached
         raise L3MDataError(f"dataset_name: {dataset_name!r} is neither a local file or folder nor a loadable hub "
                            f"dataset ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err

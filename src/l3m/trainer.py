@@ -36,6 +36,7 @@ from l3m.errors import L3MConfigError, L3MTrainingStopped
 from l3m.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.multipliers import LogBarrierMultipliers, build_multipliers
 from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class L3MTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
         self.stop_ids = eos_ids(processing_class, model)
         self.multipliers = build_multipliers(args)
+        place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self._pending_estimates: list[torch.Tensor] = []
         self._step_multipliers: torch.Tensor | None = None
@@ -209,7 +211,8 @@ class L3MTrainer(Trainer):
             )
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids, allow_nonfinite=True)
+        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids, allow_nonfinite=True,
+                                  trainer_state=self.state)
         nonfinite = [name for name, values in rewards.items() if not torch.isfinite(values).all()]
         if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.guards)
             self.guard.flag(f"reward of {', '.join(nonfinite)}")
