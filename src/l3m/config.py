@@ -5,7 +5,8 @@ YAML keys equal the field names; ``l3m train --config run.yaml --key value`` ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -56,6 +57,13 @@ class L3MConfig(TrainingArguments):
     > Sampling for constraint steps (App. A: top-p 0.9)
 
     num_generations, max_completion_length, temperature, top_p, top_k.
+
+    > Reliability (docs/reliability.md)
+
+    max_consecutive_skipped_steps (`int`, defaults to `5`): optimizer steps in a row skipped for a non-finite loss,
+        gradient or reward after which training stops (with a checkpoint of the last good weights).
+    infeasibility_patience (`int`, defaults to `100`): constraint steps in a row a constraint's smoothed value may stay
+        violated before it is reported as possibly infeasible.
 
     > Data
 
@@ -136,6 +144,16 @@ class L3MConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only)."})
+    max_consecutive_skipped_steps: int = field(
+        default=5,
+        metadata={"help": "Stop training (saving a checkpoint of the last good weights) after this many optimizer "
+                          "steps in a row were skipped for a non-finite loss, gradient or reward."},
+    )
+    infeasibility_patience: int = field(
+        default=100,
+        metadata={"help": "Warn that a constraint may be infeasible when its smoothed value stays violated (its "
+                          "multiplier at the cap) for this many constraint steps in a row."},
+    )
     max_length: int = field(
         default=512, metadata={"help": "Examples whose prompt plus response exceed this many tokens are dropped."}
     )
@@ -155,6 +173,7 @@ class L3MConfig(TrainingArguments):
             except yaml.YAMLError as err:
                 raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
         self.parsed_constraints = parse_constraints(self.constraints)
+        self._check_types()
         _check(self.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
         _check(0 < self.mu_final < self.mu_init, "mu_final",
@@ -180,11 +199,38 @@ class L3MConfig(TrainingArguments):
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _check(self.max_consecutive_skipped_steps >= 1, "max_consecutive_skipped_steps",
+               f"must be >= 1, got {self.max_consecutive_skipped_steps}")
+        _check(self.infeasibility_patience >= 1, "infeasibility_patience",
+               f"must be >= 1, got {self.infeasibility_patience}")
         _check(self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
+        _check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",
+               f"must be >= 1, got {self.per_device_train_batch_size}")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+               f"must be >= 1, got {self.gradient_accumulation_steps}")
         _check(not self.remove_unused_columns, "remove_unused_columns",
                "must be False: the trainer needs its prompt and completion columns")
         super().__post_init__()
+
+    def _check_types(self) -> None:
+        """The fields this class declares hold values of their type (ints may stand for floats); floats are finite."""
+        for f in fields(L3MConfig):
+            if f.name not in L3MConfig.__annotations__ or f.type not in _SCALAR_TYPES:
+                continue
+            value, (expected, description) = getattr(self, f.name), _SCALAR_TYPES[f.type]
+            if value is None and f.type.endswith("| None"):
+                continue
+            if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+                raise L3MConfigError(f"{f.name}: expected {description}, got {value!r}")
+            if float in expected and not isinstance(value, bool):
+                _check(math.isfinite(value), f.name, f"expected a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
+
+
+# the annotations of L3MConfig's scalar fields: accepted Python types, and how an error names them
+_SCALAR_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+                 "float": ((int, float), "a number"), "float | None": ((int, float), "a number or null")}
 
 
 @dataclass
@@ -242,6 +288,11 @@ def load_yaml_config(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError as err:
         raise L3MConfigError(f"--config: no such file {path!r}") from err
+    except OSError as err:
+        raise L3MConfigError(f"--config: cannot read {path!r} ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise L3MConfigError(f"--config: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                             f"{err.start}); re-save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise L3MConfigError(f"--config: {path} is not valid YAML ({err})") from err
     if not isinstance(data, dict):

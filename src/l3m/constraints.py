@@ -39,7 +39,8 @@ class Constraint:
 
     Args:
         reward: a built-in reward name (``length_tokens``, ``length_words``, ``length_chars``), a
-            ``module:function`` reference, or a callable with TRL's reward signature.
+            ``module:function`` reference, a reward model mapping ``{type: lm|seqcls, path: ...}``
+            (:mod:`l3m.rewards.models`), or a callable with TRL's reward signature.
         min: lower bound ``b`` (``r >= b``); ``None`` for no lower bound.
         max: upper bound (``r <= max``); ``None`` for no upper bound.
         name: used in logs and metrics (``constraints/<name>/...``); defaults to the reward's name.
@@ -62,9 +63,10 @@ class Constraint:
     indicator_temperature: float | None = None
 
     def __post_init__(self):
-        self.reward_func = resolve_reward(self.reward, field=f"constraints[{self.name or self.reward}].reward")
+        label = self.name or (self.reward if isinstance(self.reward, str) else "reward")
+        self.reward_func = resolve_reward(self.reward, field=f"constraints[{label}].reward")
         if self.name is None:
-            self.name = self.reward if isinstance(self.reward, str) else getattr(self.reward, "__name__", "reward")
+            self.name = self.reward if isinstance(self.reward, str) else getattr(self.reward_func, "__name__", "reward")
         where = f"constraints[{self.name}]"
         if self.kind not in CONSTRAINT_KINDS:
             raise L3MConfigError(f"{where}.kind: unknown kind {self.kind!r}; supported: {', '.join(CONSTRAINT_KINDS)}")
@@ -206,13 +208,22 @@ def parse_constraints(specs: Sequence[dict[str, Any] | Constraint] | None) -> li
 
 
 def compute_rewards(
-    constraints: Sequence[Constraint], prompts: list[str], completions: list[str], completion_ids: list[list[int]]
+    constraints: Sequence[Constraint], prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+    allow_nonfinite: bool = False,
+    **reward_kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``, checked to be finite numbers."""
+    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``.
+
+    A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`.
+    NaN or inf are an error too unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
+    and the step is skipped and counted, :mod:`l3m.guards`). ``reward_kwargs`` are passed on to every reward function
+    (the trainer passes ``trainer_state``, as TRL does).
+    """
     rewards = {}
     n = len(completions)
     for constraint in constraints:
-        values = constraint.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids)
+        values = constraint.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                        **reward_kwargs)
         where = f"constraints[{constraint.name}].reward"
         if values is None or not hasattr(values, "__len__") or len(values) != n:
             got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
@@ -224,7 +235,7 @@ def compute_rewards(
             tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as err:
             raise L3MConfigError(f"{where}: the reward function returned a non-number ({err})") from err
-        if not torch.isfinite(tensor).all():
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
             raise L3MConfigError(f"{where}: the reward function returned NaN or inf")
         rewards[constraint.name] = tensor
     return rewards

@@ -10,6 +10,7 @@ Shapes: B examples, P prompt tokens (left padded), T prompt + completion tokens 
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import random
@@ -32,12 +33,17 @@ def load_task_splits(
     validation_size: float = 0.05,
     test_size: float = 0.05,
     seed: int = 42,
+    data_dir: str | None = None,
 ) -> DatasetDict:
     """Load task data from the hub or local JSON/JSONL/Parquet files into ``train``/``validation``/``test``.
 
+    A local folder whose files are named ``train``/``validation``/``test`` (e.g. ``train.jsonl``, ``test.jsonl``)
+    keeps those splits; the files of any other folder are all training data.
+
     Splits the source lacks are carved out of its train split with ``seed``, so they are the same on every run.
+    ``data_dir`` selects a hub dataset's subfolder (e.g. ``harmless-base`` of ``Anthropic/hh-rlhf``).
     """
-    raw = _load_raw(dataset_name, dataset_config)
+    raw = _load_raw(dataset_name, dataset_config, data_dir)
     train_name, validation_name, test_name = splits
     if train_name not in raw:
         raise L3MDataError(f"dataset_train_split: {dataset_name!r} has no split {train_name!r} (it has {list(raw)})")
@@ -62,7 +68,7 @@ def load_task_splits(
     return DatasetDict(out)
 
 
-def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
+def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | None = None) -> DatasetDict:
     if os.path.exists(dataset_name):
         if os.path.isdir(dataset_name):
             files = sorted(os.path.join(dataset_name, f) for f in os.listdir(dataset_name))
@@ -77,16 +83,47 @@ def _load_raw(dataset_name: str, dataset_config: str | None) -> DatasetDict:
         builders = {_LOCAL_BUILDERS.get(ext) for ext in extensions}
         if None in builders or len(builders) != 1:
             raise L3MDataError(f"dataset_name: expected .json, .jsonl or .parquet files, got {sorted(extensions)}")
+        if builders == {"json"}:
+            for f in files:
+                _check_utf8(f)
+        # a folder of train/validation/test files keeps those splits; any other files are all training data
+        stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+        by_split = ({stem: [f] for stem, f in zip(stems, files)} if "train" in stems and len(set(stems)) == len(stems)
+                    and set(stems) <= {"train", "validation", "test"} else {"train": files})
         try:
-            return load_dataset(builders.pop(), data_files={"train": files})
+            return load_dataset(builders.pop(), data_files=by_split)
         except Exception as err:  # datasets raises many types for malformed files
             raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
-    return load_dataset(dataset_name, dataset_config)
+    try:
+        return load_dataset(dataset_name, dataset_config, data_dir=data_dir)
+    except Exception as err:  # no such local path, and the hub has no such dataset or cannot be reached
+        raise L3MDataError(f"dataset_name: {dataset_name!r} is neither a local file or folder nor a loadable hub "
+                           f"dataset ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+
+
+def _check_utf8(path: str) -> None:
+    """Fail, naming the file and the byte offset, unless ``path`` is UTF-8 text (JSON must be)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise L3MDataError(f"dataset_name: {path} is not UTF-8 text (byte {chunk[err.start]:#04x} at offset "
+                                   f"{offset + err.start}); re-save it as UTF-8") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise L3MDataError(f"dataset_name: {path} is not UTF-8 text (it ends inside a character); re-save it as "
+                               "UTF-8") from None
 
 
 def split_conversation(example: dict[str, Any], rng: random.Random) -> tuple[list[dict], dict]:
     """Pick one assistant turn at random: the dialogue before it is the prompt, the turn is the response."""
     messages = example["messages"]
+    check_messages(messages, "messages")
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if not turns:
         raise L3MDataError("messages: a conversation has no assistant turn; every example needs at least one")
@@ -96,15 +133,31 @@ def split_conversation(example: dict[str, Any], rng: random.Random) -> tuple[lis
     return messages[:t], messages[t]
 
 
+def check_messages(messages: Any, field: str) -> None:
+    """Fail, naming ``field``, unless ``messages`` is a list of ``{role, content}`` mappings with string values."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise L3MDataError(f"{field}: expected a list of {{role, content}} messages, got {str(messages)[:60]!r}")
+    for m in messages:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise L3MDataError(f"{field}: every message needs a string 'role' and 'content', got {str(m)[:60]!r}")
+
+
 def render_example(example: dict[str, Any], tokenizer, rng: random.Random) -> tuple[str, str, str]:
     """Render one example as ``(prompt_text, completion_text, response_only_text)`` with the chat template."""
     if "messages" in example and example["messages"] is not None:
         prompt_messages, response = split_conversation(example, rng)
     elif "prompt" in example and "completion" in example:
         prompt, completion = example["prompt"], example["completion"]
+        for field, value in (("prompt", prompt), ("completion", completion)):
+            if isinstance(value, list):
+                check_messages(value, field)
+            elif not isinstance(value, str):
+                raise L3MDataError(f"{field}: expected a string or a list of messages, got {value!r}")
         if isinstance(prompt, str) and isinstance(completion, str):
             return prompt, completion, completion
-        prompt_messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        prompt_messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if isinstance(completion, list) and not completion:
+            raise L3MDataError("completion: an empty list of messages; it needs the assistant's response")
         response = completion[0] if isinstance(completion, list) else {"role": "assistant", "content": completion}
     else:
         raise L3MDataError(
@@ -158,7 +211,10 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
 
     def _encode(example, idx):
         rng = random.Random(seed * 1_000_003 + idx)  # the chosen assistant turn depends only on seed and index
-        prompt_text, completion_text, reference = render_example(example, tokenizer, rng)
+        try:
+            prompt_text, completion_text, reference = render_example(example, tokenizer, rng)
+        except L3MDataError as err:
+            raise L3MDataError(f"{err} (in {name} example {idx})") from None
         prompt_ids, completion_ids = tokenize_example(prompt_text, completion_text, tokenizer)
         return {"prompt": prompt_text, "reference": reference, "prompt_ids": prompt_ids,
                 "completion_ids": completion_ids}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from l3m.constraints import Constraint, compute_rewards
 from l3m.data import CompletionCollator
+from l3m.rewards.models import place_reward_models
 from l3m.sampling import eos_ids, response_nll, sample_completions
 
 
@@ -47,6 +48,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    place_reward_models([c.reward_func for c in constraints], device)
     collate = CompletionCollator(tokenizer.pad_token_id)
     stop_ids = eos_ids(tokenizer, model)
     generator_state = torch.random.get_rng_state()

@@ -29,14 +29,7 @@ def plot_length_figure(results: Sequence[LengthResult], path: str, reward_label:
     (``LengthResult.lengths`` then holds its values; ``reward_label`` names it on the axes), which makes the left
     panel the Fig. 3 (right) view: task log-ppl per model against the constraint's level.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise L3MConfigError("plots: install matplotlib (pip install 'l3m[plots]') to write figures") from err
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(results):
@@ -60,10 +53,116 @@ def plot_length_figure(results: Sequence[LengthResult], path: str, reward_label:
     right.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, plt, path)
 
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise L3MConfigError("plots: install matplotlib (pip install 'l3m[plots]') to write figures") from err
+    return plt
+
+
+def _save(fig, plt, path: str) -> str:
+    """Write ``fig`` as a PNG atomically to ``path`` and close it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     staging = path + ".tmp.png"
     fig.savefig(staging, dpi=120)
     plt.close(fig)
     os.replace(staging, path)
     return path
+
+
+@dataclass
+class RewardPairResult:
+    """One model's evaluation for Fig. 3: mean rewards under two constraints, task log-ppl, its constraint point.
+
+    ``method`` groups models in the right panel (e.g. ``"L3M"``, ``"MM"``); ``constraint`` is ``(b_x, b_y)``, the
+    minimum mean rewards imposed on it, or None for an unconstrained model (initial, SFT).
+    """
+
+    label: str
+    method: str
+    rewards: tuple[float, float]
+    log_ppl_mean: float
+    log_ppl_std: float
+    constraint: tuple[float, float] | None = None
+
+
+def feasibility_margin(x, y, point: tuple[float, float]):
+    """How far ``(x, y)`` lies inside the feasible region ``x >= b_x, y >= b_y`` of ``point`` (< 0: outside).
+
+    >>> float(feasibility_margin(3.0, 5.0, (1.0, 4.0)))
+    1.0
+    """
+    import numpy as np
+
+    return np.minimum(np.asarray(x) - point[0], np.asarray(y) - point[1])
+
+
+def plot_reward_pair_figure(results: Sequence[RewardPairResult], path: str, axis_labels: tuple[str, str] = (
+        "helpful reward (mean)", "harmless reward (mean)"), shaded: tuple[float, float] | None = None) -> str:
+    """Fig. 3: left, the two mean rewards of every model, its constraint point (black), a dotted line between them,
+    and the feasible region of ``shaded`` (default: the first constraint point) shaded darker with the distance from
+    its boundary; right, task log-ppl (mean ± std) per method at each constraint point, with the unconstrained models
+    as horizontal lines. The PNG is written atomically to ``path``."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r.method for r in results))
+    color_of = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
+    points = list(dict.fromkeys(r.constraint for r in results if r.constraint is not None))
+
+    xs = [r.rewards[0] for r in results] + [p[0] for p in points]
+    ys = [r.rewards[1] for r in results] + [p[1] for p in points]
+    pad_x, pad_y = 0.15 * (max(xs) - min(xs) or 1.0), 0.15 * (max(ys) - min(ys) or 1.0)
+    x_lim, y_lim = (min(xs) - pad_x, max(xs) + pad_x), (min(ys) - pad_y, max(ys) + pad_y)
+    shaded = shaded or (points[0] if points else None)
+    if shaded is not None:
+        grid_x, grid_y = np.meshgrid(np.linspace(*x_lim, 200), np.linspace(*y_lim, 200))
+        margin = feasibility_margin(grid_x, grid_y, shaded)
+        left.imshow(np.ma.masked_less(margin, 0), origin="lower", extent=(*x_lim, *y_lim), aspect="auto",
+                    cmap="Greys", alpha=0.35, vmin=-0.3 * margin.max(), vmax=margin.max())
+    for r in results:
+        if r.constraint is not None:
+            left.plot([r.rewards[0], r.constraint[0]], [r.rewards[1], r.constraint[1]], ":", color="grey", lw=1)
+    if points:
+        left.scatter([p[0] for p in points], [p[1] for p in points], marker="x", color="black", s=50,
+                     label="constraint", zorder=3)
+    for method in methods:
+        group = [r for r in results if r.method == method]
+        left.scatter([r.rewards[0] for r in group], [r.rewards[1] for r in group], color=color_of[method],
+                     label=method, zorder=4, edgecolors="black", linewidths=0.5)
+    left.set_xlim(*x_lim)
+    left.set_ylim(*y_lim)
+    left.set_xlabel(axis_labels[0])
+    left.set_ylabel(axis_labels[1])
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+
+    constrained = [m for m in methods if any(r.method == m and r.constraint is not None for r in results)]
+    width = 0.8 / max(len(constrained), 1)
+    for j, method in enumerate(constrained):
+        for i, point in enumerate(points):
+            for r in results:
+                if r.method == method and r.constraint == point:
+                    right.errorbar(i + (j - (len(constrained) - 1) / 2) * width, r.log_ppl_mean, yerr=r.log_ppl_std,
+                                   fmt="o", capsize=4, color=color_of[method], label=method if i == 0 else None)
+    for r in results:
+        if r.constraint is None:
+            right.axhline(r.log_ppl_mean, color=color_of[r.method], ls="--", lw=1,
+                          label=f"{r.label} ({r.log_ppl_mean:.3f})")
+    right.set_xticks(range(len(points)), [f"({p[0]:g}, {p[1]:g})" for p in points], fontsize=8)
+    right.set_xlabel("constraint point")
+    right.set_ylabel("task log-perplexity (mean ± std)")
+    right.legend(fontsize=8)
+    right.grid(axis="y", alpha=0.3)
+    fig.suptitle("Two learned reward constraints (cf. Fig. 3 of the L3M paper)")
+    fig.tight_layout()
+    return _save(fig, plt, path)

@@ -1,6 +1,11 @@
 """Sampling responses from the policy, and length-normalized response log-likelihoods.
 
 Shapes: B prompts, G samples per prompt, N = B*G responses, P prompt tokens (left padded), L completion tokens.
+
+The G responses to one prompt share its prefix: generation and the log-prob pass of a constraint step run the prompt
+through the model once per prompt (not once per response) and repeat its KV cache G times (:func:`prompt_cache`).
+With G = 4 and chat prompts longer than the responses this removes most of the prompt's compute. Gradient
+checkpointing turns the KV cache off in training mode, so the log-prob pass then falls back to whole sequences.
 """
 
 from __future__ import annotations
@@ -21,10 +26,31 @@ class Completions:
     completion_mask: torch.Tensor  # (N, L): completion tokens up to and including the first EOS
     completion_ids: list[list[int]]  # per response, without the EOS
     truncated: torch.Tensor  # (N,) True where no EOS was produced within max_new_tokens
+    group_size: int = 1  # G: rows i*G .. i*G+G-1 answer the same prompt
 
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask, so left-padded rows are handled like unpadded ones."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """Run ``B`` prompts through ``model`` once and repeat each one's KV cache ``group_size`` times.
+
+    Returns ``(cache, logits)``: the cache for ``B*G`` rows and ``(B*G, 1, V)`` logits of the token after each prompt,
+    or ``None`` when the model returned no cache (gradient checkpointing in training mode). Differentiable: the
+    log-prob pass backpropagates through the shared prompt once per prompt.
+    """
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    if out.past_key_values is None:
+        return None
+    out.past_key_values.batch_repeat_interleave(group_size)
+    return out.past_key_values, out.logits.repeat_interleave(group_size, dim=0)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -56,13 +82,18 @@ def sample_completions(
     was_training = model.training
     model.eval()
     try:
+        cache = None
+        if num_generations > 1 and prompt_ids.shape[1] > 1:
+            # all of each prompt but its last token, once per prompt; generate() then feeds only the last token
+            cache, _ = prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], num_generations)
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         config = GenerationConfig(
             do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k if top_k > 0 else None, eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=True,
         )
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+                                   generation_config=config)
     finally:
         model.train(was_training)
     completion = sequences[:, prompt_ids.shape[1]:]
@@ -74,7 +105,7 @@ def sample_completions(
     positions = torch.arange(completion.shape[1], device=completion.device).unsqueeze(0)
     completion_mask = (positions <= first_stop.unsqueeze(1)).long()
     completion_ids = [row[: int(n)].tolist() for row, n in zip(completion, first_stop)]
-    return Completions(sequences, prompt_mask, completion_mask, completion_ids, ~has_stop)
+    return Completions(sequences, prompt_mask, completion_mask, completion_ids, ~has_stop, num_generations)
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logits: int) -> torch.Tensor:
@@ -82,9 +113,8 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, nu
 
     Position ids follow the attention mask, so left-padded rows are handled like unpadded ones.
     """
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     # only the lm_head rows that predict the last tokens are computed (logits_to_keep)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
                    use_cache=False, logits_to_keep=num_logits + 1).logits
     logits = logits[:, :-1].float()  # (N, num_logits, V)
     targets = input_ids[:, -num_logits:]
@@ -104,18 +134,33 @@ def length_normalized_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> to
 def completion_logps(model, completions: Completions) -> torch.Tensor:
     """Length-normalized log-likelihoods ``(N,)`` of sampled responses under ``model`` (differentiable)."""
     num_logits = completions.completion_mask.shape[1]
-    logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits)
+    group, prompt_length = completions.group_size, completions.prompt_mask.shape[1]
+    shared = prompt_cache(model, completions.sequences[::group, :prompt_length], completions.prompt_mask[::group],
+                          group) if group > 1 else None
+    if shared is None:
+        logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits)
+        return length_normalized_logps(logps, completions.completion_mask)
+    cache, first_logits = shared
+    mask = completions.attention_mask
+    targets = completions.sequences[:, prompt_length:]
+    logits = model(input_ids=targets, attention_mask=mask, position_ids=position_ids_from(mask)[:, prompt_length:],
+                   past_key_values=cache, use_cache=True, logits_to_keep=num_logits).logits
+    logits = torch.cat([first_logits, logits[:, :-1]], dim=1).float()  # (N, L, V): the logits predicting each token
+    logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return length_normalized_logps(logps, completions.completion_mask)
 
 
 def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     r"""Length-normalized NLL :math:`l_\theta(y|x)` of the response tokens (``labels != -100``), shape ``(B,)``.
 
-    This is the per-example objective of Eq. (1)/(3); prompt and padding tokens are masked out.
+    This is the per-example objective of Eq. (1)/(3); prompt and padding tokens are masked out. The output layer runs
+    only from the first position that predicts a response token on (``logits_to_keep``), not over the prompts.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    mask = labels[:, 1:] != -100
+    start = int(mask.any(dim=0).int().argmax())  # position of the earliest logit that predicts a response token
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=input_ids.shape[1] - start).logits
     logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != -100
+    targets, mask = labels[:, start + 1:], mask[:, start:]
     nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
     return -length_normalized_logps(-nll, mask)

@@ -6,31 +6,40 @@ scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the
 Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``dual``, a baseline's learned multipliers (:mod:`l3m.multipliers`).
 The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no constraints, or
 ``solver="sft"``, every step is an objective step: plain SFT.
+
+Reliability (docs/reliability.md): a step with a non-finite loss, gradient or reward is skipped (:mod:`l3m.guards`);
+checkpoints are written atomically and SIGTERM/SIGINT save one before stopping (:mod:`l3m.checkpoints`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import signal
 from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from l3m.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
+                             last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
 from l3m.config import L3MConfig
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              violations)
 from l3m.data import CompletionCollator, prepare_dataset
-from l3m.errors import L3MConfigError
+from l3m.distributed import check_launch, process_local_sampling
+from l3m.errors import L3MConfigError, L3MTrainingStopped
+from l3m.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.multipliers import LogBarrierMultipliers, build_multipliers
 from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
-
-SOLVER_STATE_NAME = "l3m_state.json"
+logger = logging.getLogger(__name__)
 
 
 def is_constraint_step(seed: int, step: int, objective_step_probability: float = 0.5) -> bool:
@@ -75,6 +84,7 @@ class L3MTrainer(Trainer):
         args = args if args is not None else L3MConfig(output_dir="l3m-output")
         if not isinstance(args, L3MConfig):
             raise L3MConfigError("args: expected an l3m.L3MConfig (it carries the solver's fields)")
+        check_launch(args)
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if processing_class is None:
@@ -112,26 +122,60 @@ class L3MTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
         self.stop_ids = eos_ids(processing_class, model)
         self.multipliers = build_multipliers(args)
+        place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self._pending_estimates: list[torch.Tensor] = []
+        self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
+        self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
+        self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
+        self._stop_signals: StopSignals | None = None
+        self._staging_run_dir: str | None = None
 
-    # Overridden to flip the coin once per optimizer step, and to fold the step's constraint estimate into the
-    # EMA only at the optimizer-step boundary (after the last gradient-accumulation micro-batch).
+    # Overridden to flip the coin once per optimizer step, and to close each optimizer step (after the last
+    # gradient-accumulation micro-batch's backward, before clipping and the optimizer) in _end_optimizer_step.
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
+        if self._metric_marks is None:  # the first micro-batch of this optimizer step
+            self._metric_marks = {key: len(values) for key, values in self._metrics.items()}
         self._constraint_step = bool(self.bounds) and is_constraint_step(
             self.args.seed, step, self.args.objective_step_probability
         )
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            self.guard.flag("loss")
         if self.accelerator.sync_gradients:
-            self._metrics["step/constraint"].append(float(self._constraint_step))
-            if self.bounds and isinstance(self.multipliers, LogBarrierMultipliers):
-                self._metrics["barrier/mu"].append(self.multipliers.mu(step, self.state.max_steps))
-            if self._pending_estimates:
-                self.multipliers.update_(torch.stack(self._pending_estimates).mean(dim=0))
-                self._pending_estimates.clear()
+            self._end_optimizer_step(model, step)
         return loss
+
+    def _end_optimizer_step(self, model, step: int) -> None:
+        """Skip the step if anything in it was non-finite, else fold its constraint estimate into the solver state
+        (once per optimizer step, with the mean of its micro-batch estimates); then stop the run if asked to."""
+        skip = self._on_any_process(self.guard.pending or not gradients_are_finite(model.parameters()))
+        if self.guard.end_step(step, skip):
+            drop_gradients(model.parameters())
+            self._pending_estimates.clear()
+            for key, values in self._metrics.items():  # the skipped step's values would poison the averages
+                del values[self._metric_marks.get(key, 0):]
+        elif self._pending_estimates:
+            self.multipliers.update_(torch.stack(self._pending_estimates).mean(dim=0))
+            self._pending_estimates.clear()
+            self.infeasibility.observe(step, self.multipliers.estimate, self._step_multipliers)
+        self._metric_marks = None
+        self._metrics["step/constraint"].append(float(self._constraint_step))
+        if self.bounds and isinstance(self.multipliers, LogBarrierMultipliers):
+            self._metrics["barrier/mu"].append(self.multipliers.mu(step, self.state.max_steps))
+        signalled = self._stop_signals is not None and self._stop_signals.received is not None
+        if self._on_any_process(signalled or self.guard.exhausted):
+            self.control.should_save = True  # the Trainer saves after this step's update, then stops
+            self.control.should_training_stop = True
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process, so that every process takes the same decision."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device)).max() > 0)
 
     # Overridden because the loss depends on the step kind; the inputs carry no model loss.
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -152,28 +196,35 @@ class L3MTrainer(Trainer):
     def _constraint_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """Eq. (11)-(12): REINFORCE on ``sum_i multiplier_i * C_i`` over responses sampled from the current policy."""
         args = self.args
-        completions = sample_completions(
-            self.accelerator.unwrap_model(model),
-            inputs["prompt_input_ids"],
-            inputs["prompt_attention_mask"],
-            stop_ids=self.stop_ids,
-            pad_token_id=self.processing_class.pad_token_id,
-            num_generations=args.num_generations,
-            max_new_tokens=args.max_completion_length,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-        )
+        with process_local_sampling(self.accelerator):
+            completions = sample_completions(
+                self.accelerator.unwrap_model(model),
+                inputs["prompt_input_ids"],
+                inputs["prompt_attention_mask"],
+                stop_ids=self.stop_ids,
+                pad_token_id=self.processing_class.pad_token_id,
+                num_generations=args.num_generations,
+                max_new_tokens=args.max_completion_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+            )
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids)
+        rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids, allow_nonfinite=True,
+                                  trainer_state=self.state)
+        nonfinite = [name for name, values in rewards.items() if not torch.isfinite(values).all()]
+        if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.guards)
+            self.guard.flag(f"reward of {', '.join(nonfinite)}")
         device = completions.sequences.device
         local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
 
-        # The estimate that drives the multipliers is reduced across processes first.
+        # The estimate that drives the multipliers is reduced across processes first: every process holds the same
+        # estimate (the mean over all processes' responses), multipliers and EMA.
         all_violations = self.accelerator.gather(local_violations)
         estimate = all_violations.mean(dim=0)
         multipliers = self.multipliers.multipliers(self.state.global_step, self.state.max_steps, estimate)
+        self._step_multipliers = multipliers
         self._pending_estimates.append(estimate.detach().cpu())
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
@@ -210,6 +261,7 @@ class L3MTrainer(Trainer):
             if self.multipliers.estimate is not None:
                 for bound, value in zip(self.bounds, self.multipliers.estimate.tolist()):
                     logs[f"constraints/{bound.name}/ema"] = value
+            logs["train/skipped_steps"] = self.guard.skipped
             logs.update(self.multipliers.log_values([b.name for b in self.bounds]))
             self._metrics.clear()
         super().log(logs, start_time)
@@ -222,37 +274,98 @@ class L3MTrainer(Trainer):
             "global_step": self.state.global_step,
             "constraints": [b.name for b in self.bounds],
             "coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability},
+            "guard": self.guard.state_dict(),
+            "infeasibility": self.infeasibility.state_dict(),
         }
 
-    # Overridden (private hook) to write the solver state into the checkpoint folder *before* the Trainer writes
-    # its own files and rotates old checkpoints, so that a complete checkpoint always includes it.
+    # Overridden (private hook) so that, while a checkpoint is being saved, the Trainer writes it into the staging
+    # folder tmp-checkpoint-N (see _save_checkpoint).
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    # Overridden (private hook) to save atomically (l3m.checkpoints): the solver state and the Trainer's files go
+    # into tmp-checkpoint-N/checkpoint-N, which is renamed to checkpoint-N once complete; old checkpoints are
+    # rotated only then.
     def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir(run_dir, self.state.global_step)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, SOLVER_STATE_NAME), "w", encoding="utf-8") as f:
+            remove_staging_dirs(run_dir)
+            os.makedirs(os.path.join(staging, name))
+            with open(os.path.join(staging, name, SOLVER_STATE_NAME), "w", encoding="utf-8") as f:
                 json.dump(self.solver_state(), f, indent=2)
-        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.dirname(best) == staging:  # the Trainer recorded the staging path
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+            publish_checkpoint(staging, run_dir, name)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Train; ``resume_from_checkpoint`` (a folder, or True for the last one) also restores the solver state."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise L3MConfigError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+        """Train; ``resume_from_checkpoint`` (a folder, or True for the last complete one) also restores the solver
+        state.
+
+        SIGTERM/SIGINT during training save a checkpoint after the current optimizer step and raise
+        :class:`l3m.L3MTrainingStopped`, as do ``max_consecutive_skipped_steps`` non-finite steps in a row.
+        """
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if resume_from_checkpoint:
             self._load_solver_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with StopSignals() as signals:
+            self._stop_signals = signals
+            try:
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            finally:
+                self._stop_signals = None
+        for line in self.infeasibility.summary():
+            logger.log(logging.INFO if ": satisfied:" in line else logging.WARNING, "Constraint %s", line)
+        checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.guard.exhausted:
+            raise L3MTrainingStopped(
+                f"max_consecutive_skipped_steps: {self.guard.consecutive} optimizer steps in a row had a non-finite "
+                f"loss, gradient or reward (last: {self.guard.last_reason}); stopped and saved the last good weights "
+                f"to {checkpoint}; fix the reward or lower learning_rate, then resume from it")
+        if signals.received is not None and self.state.global_step < self.state.max_steps:
+            raise L3MTrainingStopped(
+                f"{signal.Signals(signals.received).name}: stopped at step {self.state.global_step} of "
+                f"{self.state.max_steps} and saved {checkpoint}; resume with resume_from_checkpoint=true",
+                signum=signals.received)
+        return output
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder to resume from: ``True`` (or ``"true"``/``"last"``) means the last complete one."""
+        needs_solver_state = bool(self.bounds)
+        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str)
+                                              and resume_from_checkpoint.lower() in ("true", "last")):
+            folder = last_complete_checkpoint(self.args.output_dir, require_solver_state=needs_solver_state)
+            if folder is None:
+                raise L3MConfigError(f"resume_from_checkpoint: no complete checkpoint found in {self.args.output_dir}")
+            return folder
+        if not resume_from_checkpoint:
+            return None
+        check_resumable(resume_from_checkpoint, require_solver_state=needs_solver_state)
+        return resume_from_checkpoint
 
     def _load_solver_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, SOLVER_STATE_NAME)
-        if not self.bounds:
+        if not os.path.exists(path):  # a plain Trainer checkpoint, accepted for runs without constraints
             return
-        if not os.path.exists(path):
-            raise L3MConfigError(f"resume_from_checkpoint: {checkpoint} has no {SOLVER_STATE_NAME}; it is not an "
-                                 "l3m checkpoint")
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+        if not self.bounds:
+            return
         if state["constraints"] != [b.name for b in self.bounds]:
             raise L3MConfigError(f"constraints: the checkpoint was trained with {state['constraints']}, not "
                                  f"{[b.name for b in self.bounds]}")
@@ -260,3 +373,5 @@ class L3MTrainer(Trainer):
             raise L3MConfigError(f"solver: the checkpoint was trained with solver {state['solver']!r}, "
                                  f"not {self.args.solver!r}")
         self.multipliers.load_state_dict(state["multipliers"])
+        if "infeasibility" in state:
+            self.infeasibility.load_state_dict(state["infeasibility"])

@@ -1,7 +1,13 @@
 """Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **kwargs) -> list[float]``.
 
 A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``), a
-``module:function`` reference to any callable with that signature, or is the callable itself.
+``module:function`` reference to any callable with that signature, a reward model (a mapping such as
+``{type: lm, path: outputs/rm}``, see :mod:`l3m.rewards.models`), or is the callable itself.
+
+The trainer calls every reward with keyword arguments, as TRL's ``GRPOTrainer`` does: ``prompts`` (the prompt texts
+as the policy sees them, chat template applied), ``completions`` (the decoded responses) and ``completion_ids``
+(the response token ids, without the end-of-turn token), plus ``trainer_state`` (the `TrainerState`) during
+training. Accept ``**kwargs``: TRL also passes a dataset's extra columns, which l3m does not.
 """
 
 from __future__ import annotations
@@ -48,15 +54,21 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
 }
 
 
-def resolve_reward(reward: str | RewardFunc, field: str = "reward") -> RewardFunc:
-    """Turn a reward reference into a callable: a registry name, ``module:function``, or a callable.
+def resolve_reward(reward: str | dict | RewardFunc, field: str = "reward") -> RewardFunc:
+    """Turn a reward reference into a callable: a registry name, ``module:function``, a reward-model mapping, or a
+    callable.
 
     Code is imported only from an explicit ``module:function`` reference given by the user.
     """
     if callable(reward):
         return reward
+    if isinstance(reward, dict):
+        from l3m.rewards.models import reward_model_from_spec
+
+        return reward_model_from_spec(reward, field)
     if not isinstance(reward, str) or not reward:
-        raise L3MConfigError(f"{field}: expected a reward name or 'module:function', got {reward!r}")
+        raise L3MConfigError(f"{field}: expected a reward name or 'module:function' or a reward model mapping "
+                             f"{{type: lm, path: ...}}, got {reward!r}")
     if reward in REWARD_REGISTRY:
         return REWARD_REGISTRY[reward]
     if ":" not in reward:
@@ -67,8 +79,9 @@ def resolve_reward(reward: str | RewardFunc, field: str = "reward") -> RewardFun
     module_name, _, func_name = reward.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise L3MConfigError(f"{field}: cannot import module {module_name!r} of {reward!r} ({err})") from err
+    except Exception as err:  # not found, an invalid name (relative, empty), or the module's own code failing
+        raise L3MConfigError(f"{field}: cannot import module {module_name!r} of {reward!r} "
+                             f"({type(err).__name__}: {err})") from err
     func = getattr(module, func_name, None)
     if not callable(func):
         raise L3MConfigError(f"{field}: {module_name!r} has no callable named {func_name!r}")

@@ -1,0 +1,134 @@
+"""Numerical guards and infeasibility diagnosis for :class:`l3m.L3MTrainer`.
+
+- :class:`NonFiniteGuard`: an optimizer step whose loss, gradient or reward is NaN or infinite is *skipped* — its
+  gradients are dropped before the optimizer sees them, so neither the weights nor the optimizer state nor the
+  solver state move; the step still counts (the coin, μ and the learning-rate schedule follow the step number).
+  Skips are counted (``train/skipped_steps``); ``max_consecutive_skipped_steps`` skips in a row stop the run.
+- :class:`InfeasibilityMonitor`: a constraint whose smoothed value ``C_i`` stays ``> 0`` (violated, so the log
+  barrier holds its multiplier at the cap ``1/(kμ)``, Sec. 5.2) for ``infeasibility_patience`` constraint steps in
+  a row may be infeasible for this model and data; it is named in a warning and in the end-of-training summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from l3m.constraints import Bound
+
+logger = logging.getLogger(__name__)
+
+
+def gradients_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether every gradient entry is finite (their total 2-norm is; an overflowing norm counts as non-finite)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Remove the gradients: optimizers skip parameters without one (no update, no weight decay, no state step)."""
+    for p in parameters:
+        p.grad = None
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite value and says when too many came in a row.
+
+    ``flag(reason)`` marks the current optimizer step (e.g. ``"reward 'length'"``, ``"loss"``); ``end_step`` closes
+    it and returns whether it is skipped.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self.last_reason: str | None = None
+        self._reason: str | None = None
+
+    def flag(self, reason: str) -> None:
+        self._reason = self._reason or reason
+
+    def end_step(self, step: int, skip: bool) -> bool:
+        """Close optimizer step ``step``; ``skip`` is the verdict (agreed across processes) that it is skipped."""
+        reason, self._reason = self._reason or "gradient", None
+        if not skip:
+            self.consecutive = 0
+            return False
+        self.skipped += 1
+        self.consecutive += 1
+        self.last_reason = f"{reason} at step {step}"
+        logger.warning("Skipped optimizer step %d: non-finite %s (%d in a row, %d in all)", step, reason,
+                       self.consecutive, self.skipped)
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether the current optimizer step has been flagged."""
+        return self._reason is not None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "last_reason": self.last_reason}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self.last_reason = state["last_reason"]
+
+
+def describe_bound(bound: Bound, value: float) -> tuple[float, str]:
+    """The mean reward behind a constraint value ``C = threshold - sign * E[r]``, and the bound's target as text."""
+    reward = bound.sign * (bound.threshold - value)
+    target = f">= {bound.threshold:g}" if bound.sign > 0 else f"<= {-bound.threshold:g}"
+    return reward, target
+
+
+class InfeasibilityMonitor:
+    """Tracks, per one-sided constraint, how many constraint steps in a row its smoothed value has been violated."""
+
+    def __init__(self, bounds: Sequence[Bound], patience: int):
+        self.bounds = list(bounds)
+        self.patience = patience
+        self.violated_steps = [0] * len(self.bounds)
+        self.last_values: list[float] | None = None
+        self.last_multipliers: list[float] | None = None
+
+    def observe(self, step: int, values: torch.Tensor, multipliers: torch.Tensor) -> None:
+        """Record one constraint step's smoothed values ``(K,)`` and the multipliers it used ``(K,)``."""
+        self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
+        for i, bound in enumerate(self.bounds):
+            self.violated_steps[i] = self.violated_steps[i] + 1 if self.last_values[i] > 0 else 0
+            if self.violated_steps[i] == self.patience:
+                logger.warning("Constraint %s may be infeasible: %s", bound.name, self._describe(i) +
+                               f" (step {step}); check its target, or give the run more steps")
+
+    def _describe(self, i: int) -> str:
+        reward, target = describe_bound(self.bounds[i], self.last_values[i])
+        return (f"mean reward {reward:.4g}, target {target}, still violated after {self.violated_steps[i]} "
+                f"constraint steps in a row with multiplier {self.last_multipliers[i]:.4g}")
+
+    def summary(self) -> list[str]:
+        """One line per constraint: its last smoothed mean reward and target, and whether it looks infeasible."""
+        if self.last_values is None:
+            return []
+        lines = []
+        for i, bound in enumerate(self.bounds):
+            reward, target = describe_bound(bound, self.last_values[i])
+            if self.violated_steps[i] >= self.patience:
+                lines.append(f"{bound.name}: POSSIBLY INFEASIBLE: {self._describe(i)}")
+            else:
+                status = "satisfied" if self.last_values[i] <= 0 else "violated"
+                lines.append(f"{bound.name}: {status}: mean reward {reward:.4g}, target {target}")
+        return lines
+
+    def state_dict(self) -> dict:
+        return {"violated_steps": list(self.violated_steps), "last_values": self.last_values,
+                "last_multipliers": self.last_multipliers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.violated_steps = [int(n) for n in state["violated_steps"]]
+        self.last_values, self.last_multipliers = state["last_values"], state["last_multipliers"]

@@ -1,0 +1,163 @@
+"""``l3m reward experiment``: the structure of the paper's Fig. 3 (Sec. 6.3), offline, on the embedded default.
+
+It fine-tunes the demo model on the demo task data under two learned reward constraints, "helpful" and
+"harmless" (reward models trained by ``l3m reward train``, by default on the offline stand-in of
+docs/reward_models.md): the initial model, SFT, and an L3M and an MM at each constraint point ``(b_helpful,
+b_harmless)``. Constraint points are given as offsets from SFT's held-out mean rewards, since the rewards' scale
+depends on the reward models. Every model is evaluated on a held-out split: mean rewards of sampled responses
+under both reward models, constraint satisfaction, and task log-perplexity (mean ± std); the table, results JSON
+and the two panels of Fig. 3 are written to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from l3m.constraints import Constraint
+from l3m.errors import L3MConfigError
+
+NAMES = ("helpful", "harmless")
+
+
+@dataclass
+class ExperimentSettings:
+    """The experiment's budget; ``quick`` shrinks it to a smoke run (one point, a few steps and prompts)."""
+
+    output_dir: str = "outputs/hh"
+    helpful_rm: str = "outputs/rm_helpful"
+    harmless_rm: str = "outputs/rm_harmless"
+    model_name_or_path: str = "demo"
+    dataset_name: str = "demo"
+    offsets: str = "0.05,0.05;0.15,0;0,0.15"  # constraint points: SFT's mean rewards plus these, ';'-separated
+    solvers: str = "l3m,mm"
+    max_steps: int = 40
+    per_device_train_batch_size: int = 4
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "constant"
+    num_generations: int = 4
+    max_completion_length: int = 32
+    max_length: int = 128
+    ema_smoothing: float = 0.5
+    dual_lr: float = 1.0  # MM's multiplier step; rewards are mean log-likelihoods, so violations are small numbers
+    test_size: int = 48
+    eval_max_new_tokens: int = 48
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self):
+        if self.quick:
+            self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
+            self.offsets = self.offsets.split(";")[0]
+
+    def points_offsets(self) -> list[tuple[float, float]]:
+        try:
+            points = [tuple(float(v) for v in p.split(",")) for p in self.offsets.split(";") if p.strip()]
+        except ValueError as err:
+            raise L3MConfigError(f"offsets: expected 'dh,ds;dh,ds;...', got {self.offsets!r}") from err
+        if not points or any(len(p) != 2 for p in points):
+            raise L3MConfigError(f"offsets: expected pairs 'dh,ds' separated by ';', got {self.offsets!r}")
+        return points
+
+
+def run_experiment(settings: ExperimentSettings) -> list[dict]:
+    """Train and evaluate every model; returns one record per model and writes results, table and figure."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from l3m.assets import demo_data_path, demo_model_path
+    from l3m.config import L3MConfig
+    from l3m.data import load_task_splits, prepare_dataset
+    from l3m.evaluation import evaluate_model
+    from l3m.plots import RewardPairResult, plot_reward_pair_figure
+    from l3m.rewards.models import ModelReward
+    from l3m.trainer import L3MTrainer, is_constraint_step
+
+    started = time.time()
+    offsets = settings.points_offsets()
+    solvers = [s.strip() for s in settings.solvers.split(",") if s.strip()]
+    rewards = {name: ModelReward(path, field=f"{name}_rm")
+               for name, path in zip(NAMES, (settings.helpful_rm, settings.harmless_rm))}
+    model_path = demo_model_path() if settings.model_name_or_path == "demo" else settings.model_name_or_path
+    data_path = demo_data_path() if settings.dataset_name == "demo" else settings.dataset_name
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    splits = load_task_splits(data_path, test_size=settings.test_size, validation_size=settings.test_size,
+                              seed=settings.seed)
+    test = prepare_dataset(splits["test"], tokenizer, max_length=settings.max_length, seed=settings.seed, name="test")
+    os.makedirs(settings.output_dir, exist_ok=True)
+    objective_steps = sum(not is_constraint_step(settings.seed, s) for s in range(settings.max_steps))
+
+    def constraints(point):
+        # unconstrained models are still scored by both rewards (a bound every reward satisfies)
+        return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name)
+                for i, name in enumerate(NAMES)]
+
+    def train_and_evaluate(label: str, method: str, solver: str, steps: int, point) -> dict:
+        print(f"\n{label}: training {steps} steps", flush=True)
+        run_dir = os.path.join(settings.output_dir, "".join(c if c.isalnum() else "_" for c in label.lower()))
+        torch.manual_seed(settings.seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        args = L3MConfig(output_dir=run_dir, max_steps=max(steps, 1), solver=solver,
+                         per_device_train_batch_size=settings.per_device_train_batch_size,
+                         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+                         num_generations=settings.num_generations,
+                         max_completion_length=settings.max_completion_length, max_length=settings.max_length,
+                         ema_smoothing=settings.ema_smoothing, dual_lr=settings.dual_lr, warmup_steps=0,
+                         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=settings.seed)
+        trainer = L3MTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
+                             constraints=constraints(point) if point is not None else [])
+        run_started = time.time()
+        if steps > 0:
+            trainer.train()
+        train_seconds = time.time() - run_started
+        result = evaluate_model(trainer.model, tokenizer, test, constraints=constraints(point),
+                                max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.test_size,
+                                seed=settings.seed, description=f"Evaluating {label}")
+        summary = result["summary"]
+        record = {"label": label, "method": method, "solver": solver, "steps": steps, "constraint": point,
+                  "train_seconds": train_seconds, "summary": summary,
+                  "satisfied": None if point is None else all(summary[f"{n}/satisfied"] for n in NAMES),
+                  "samples": result["samples"][:8]}
+        print(format_table([record]).splitlines()[-1], flush=True)
+        return record
+
+    records = [train_and_evaluate("initial", "initial", "sft", 0, None),
+               train_and_evaluate("SFT", "SFT", "sft", objective_steps, None)]
+    sft = records[1]["summary"]
+    points = [(round(sft["helpful/mean"] + dh, 3), round(sft["harmless/mean"] + ds, 3)) for dh, ds in offsets]
+    for point in points:
+        for solver in solvers:
+            method = solver.upper()
+            records.append(train_and_evaluate(f"{method} ({point[0]:g}, {point[1]:g})", method, solver,
+                                              settings.max_steps, point))
+
+    results_path = os.path.join(settings.output_dir, "results.json")
+    with open(results_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"settings": asdict(settings), "points": points, "runs": records}, f, indent=2)
+    os.replace(results_path + ".tmp", results_path)
+    figure = plot_reward_pair_figure([
+        RewardPairResult(r["label"], r["method"], (r["summary"]["helpful/mean"], r["summary"]["harmless/mean"]),
+                         r["summary"]["log_ppl_mean"], r["summary"]["log_ppl_std"],
+                         None if r["constraint"] is None else tuple(r["constraint"]))
+        for r in records], os.path.join(settings.output_dir, "fig3_rewards.png"))
+    print("\n" + format_table(records))
+    print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """One row per model: constraint point, mean rewards, satisfaction, task log-ppl, training time."""
+    header = (f"{'model':<26} {'steps':>5} {'helpful mean':>13} {'harmless mean':>14} {'satisfied':>9} "
+              f"{'task log-ppl mean ± std':>24} {'train s':>8}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        s = r["summary"]
+        satisfied = "-" if r["satisfied"] is None else ("yes" if r["satisfied"] else "NO")
+        lines.append(f"{r['label']:<26} {r['steps']:>5} {s['helpful/mean']:>13.3f} {s['harmless/mean']:>14.3f} "
+                     f"{satisfied:>9} {s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} "
+                     f"{r['train_seconds']:>8.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Two CPU processes (torchrun, gloo DDP) train one model: same coins, one reduced constraint estimate, different
+samples, gradients averaged once, equal parameters at the end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import l3m
+from fixtures.tiny import build_model, build_tokenizer
+from l3m.distributed import check_launch
+from l3m.errors import L3MConfigError
+from l3m.reinforce import reinforce_loss
+from l3m.sampling import Completions, completion_logps, response_nll
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(TESTS_DIR, "fixtures", "ddp_worker.py")
+
+
+def _launch(out_dir, *flags) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(l3m.__file__)), TESTS_DIR]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+               str(out_dir), *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    result = _launch(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_both_processes_join_one_gloo_group(ranks):
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 and r["backend"] == "gloo" for r in ranks)
+
+
+def test_same_coins_and_equal_parameters(ranks):
+    coins = [[s["constraint"] for s in r["steps"]] for r in ranks]
+    assert coins[0] == coins[1]
+    assert True in coins[0] and False in coins[0], "the run must mix objective and constraint steps"
+    first, second = (r["params"] for r in ranks)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    initial = ranks[0]["steps"][0]["weights"]
+    assert any(not torch.equal(initial[n], first[n]) for n in first if n in initial), "training must move weights"
+
+
+def test_constraint_estimate_is_reduced_across_processes(ranks):
+    constraint_steps = [i for i, s in enumerate(ranks[0]["steps"]) if s["constraint"]]
+    for i in constraint_steps:
+        local = [r["steps"][i]["local_violations"] for r in ranks]  # (N, K) on each process
+        global_mean = torch.cat(local).mean(dim=0)
+        for r in ranks:
+            torch.testing.assert_close(r["steps"][i]["estimate"], global_mean)
+        assert not torch.equal(local[0].mean(dim=0), local[1].mean(dim=0)), "the test needs different local values"
+    torch.testing.assert_close(ranks[0]["ema"], ranks[1]["ema"], rtol=0, atol=0)
+
+
+def test_sampling_differs_across_processes(ranks):
+    i = next(i for i, s in enumerate(ranks[0]["steps"]) if s["constraint"])
+    first, second = (r["steps"][i]["completions"] for r in ranks)
+    prompt = first["sequences"][:, : first["prompt_mask"].shape[1]]
+    assert torch.equal(prompt, second["sequences"][:, : second["prompt_mask"].shape[1]])  # the same prompts
+    assert first["completion_ids"] != second["completion_ids"]
+
+
+def _step_loss(model, step: dict) -> torch.Tensor:
+    """The loss one process computed in ``step``, recomputed on its recorded inputs."""
+    if not step["constraint"]:
+        inputs = step["inputs"]
+        return response_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]).mean()
+    c = step["completions"]
+    completions = Completions(c["sequences"], c["prompt_mask"], c["completion_mask"], c["completion_ids"],
+                              truncated=torch.zeros(len(c["completion_ids"]), dtype=torch.bool))
+    return reinforce_loss(step["advantages"], completion_logps(model, completions))
+
+
+@pytest.mark.parametrize("kind", ["objective", "constraint"])
+def test_gradients_are_averaged_once(ranks, kind):
+    i = next(i for i, s in enumerate(ranks[0]["steps"]) if s["constraint"] == (kind == "constraint"))
+    steps = [r["steps"][i] for r in ranks]
+    model = build_model(build_tokenizer())
+    model.load_state_dict(steps[0]["weights"])
+    model.train()
+    losses = [_step_loss(model, step) for step in steps]
+    # the gradient of the mean of the two processes' losses, i.e. DDP's average of their gradients, taken once
+    torch.autograd.backward(sum(losses) / 2)
+    for name, param in model.named_parameters():
+        for step in steps:
+            torch.testing.assert_close(step["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    local = [torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in
+             [_step_loss(model, step) for step in steps]]
+    assert any(not torch.allclose(a, b) for a, b in zip(*local)), "the processes' own gradients must differ"
+
+
+def test_a_world_of_one_under_a_multi_process_launch_is_refused(monkeypatch):
+    # what torchrun without use_cpu gives on a machine without GPUs: WORLD_SIZE=2, but each process a world of 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(L3MConfigError, match="^use_cpu: 2 processes were launched .* each sees a world of 1"):
+        check_launch(SimpleNamespace(world_size=1))
+    check_launch(SimpleNamespace(world_size=2))
+
+
+@pytest.mark.slow
+def test_processes_that_did_not_join_a_group_are_refused(tmp_path):
+    result = _launch(tmp_path, "--no-use-cpu")
+    assert result.returncode != 0
+    assert "use_cpu: 2 processes were launched (WORLD_SIZE=2) but each sees a world of 1" in result.stderr

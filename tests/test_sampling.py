@@ -1,0 +1,65 @@
+"""Sharing each prompt's prefix across its G samples changes no result: same samples, same log-probs, same gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fixtures.tiny import build_model, build_tokenizer
+from l3m.sampling import completion_logps, response_nll, sample_completions
+
+
+def _prompts(tokenizer):
+    texts = ["please say w1 w2 w3 w4 w5", "count w7", "say w9 w10 w11"]  # different lengths: left padding
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def test_shared_prompt_generation_samples_what_repeated_prompts_sample():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    common = dict(stop_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, max_new_tokens=6, top_k=1)
+    shared = sample_completions(model, ids, mask, num_generations=3, **common)
+    repeated = sample_completions(model, ids.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0),
+                                  num_generations=1, **common)
+    assert shared.group_size == 3 and repeated.group_size == 1
+    assert torch.equal(shared.sequences, repeated.sequences)
+    assert shared.completion_ids == repeated.completion_ids
+
+
+def test_shared_prompt_logps_and_gradients_equal_whole_sequence_ones():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(0)
+    completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
+                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=8)
+    assert len({tuple(c) for c in completions.completion_ids}) > 1
+    model.train()
+    results = []
+    for group in (4, 1):  # 1: every row runs its whole sequence
+        model.zero_grad()
+        logps = completion_logps(model, dataclasses.replace(completions, group_size=group))
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (shared, shared_grads), (whole, whole_grads) = results
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_response_nll_over_response_positions_only_equals_the_full_computation():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 0], [5, 6, 12, 13, 14, 15, 16, 17]])
+    mask = (ids != 0).long()
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]  # response starts at 4
+    labels[1, 3:] = ids[1, 3:]  # response starts at 3: the output layer runs from position 2 on
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+    expected = token_nll.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1)
+    torch.testing.assert_close(response_nll(model, ids, mask, labels), expected)
