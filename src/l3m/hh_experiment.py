@@ -11,12 +11,12 @@ and the two panels of Fig. 3 are written to ``output_dir``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
 
 from l3m.constraints import Constraint
+from l3m.demo import slug
 from l3m.errors import L3MConfigError
 
 NAMES = ("helpful", "harmless")
@@ -70,10 +70,10 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     from l3m.assets import demo_data_path, demo_model_path
     from l3m.config import L3MConfig
     from l3m.data import load_task_splits, prepare_dataset
-    from l3m.evaluation import evaluate_model
+    from l3m.evaluation import evaluate_model, write_json
     from l3m.plots import RewardPairResult, plot_reward_pair_figure
     from l3m.rewards.models import ModelReward
-    from l3m.trainer import L3MTrainer, is_constraint_step
+    from l3m.trainer import L3MTrainer, objective_step_count
 
     started = time.time()
     offsets = settings.points_offsets()
@@ -89,7 +89,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
                               seed=settings.seed)
     test = prepare_dataset(splits["test"], tokenizer, max_length=settings.max_length, seed=settings.seed, name="test")
     os.makedirs(settings.output_dir, exist_ok=True)
-    objective_steps = sum(not is_constraint_step(settings.seed, s) for s in range(settings.max_steps))
+    objective_steps = objective_step_count(settings.seed, settings.max_steps)
 
     def constraints(point):
         # unconstrained models are still scored by both rewards (a bound every reward satisfies)
@@ -98,7 +98,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
 
     def train_and_evaluate(label: str, method: str, solver: str, steps: int, point) -> dict:
         print(f"\n{label}: training {steps} steps", flush=True)
-        run_dir = os.path.join(settings.output_dir, "".join(c if c.isalnum() else "_" for c in label.lower()))
+        run_dir = os.path.join(settings.output_dir, slug(label))
         torch.manual_seed(settings.seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         args = L3MConfig(output_dir=run_dir, max_steps=max(steps, 1), solver=solver,
@@ -135,10 +135,8 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
             records.append(train_and_evaluate(f"{method} ({point[0]:g}, {point[1]:g})", method, solver,
                                               settings.max_steps, point))
 
-    results_path = os.path.join(settings.output_dir, "results.json")
-    with open(results_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"settings": asdict(settings), "points": points, "runs": records}, f, indent=2)
-    os.replace(results_path + ".tmp", results_path)
+    results_path = write_json(os.path.join(settings.output_dir, "results.json"),
+                              {"settings": asdict(settings), "points": points, "runs": records})
     figure = plot_reward_pair_figure([
         RewardPairResult(r["label"], r["method"], (r["summary"]["helpful/mean"], r["summary"]["harmless/mean"]),
                          r["summary"]["log_ppl_mean"], r["summary"]["log_ppl_std"],

@@ -13,7 +13,6 @@ Shapes: B pairs per batch, scored as one batch of 2B sequences (chosen first).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -26,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from l3m.config import ScriptArguments, _check
 from l3m.errors import L3MConfigError
+from l3m.evaluation import write_json
 from l3m.preference import PairCollator, prepare_preference_dataset
 from l3m.rewards.models import REWARD_INFO_NAME, REWARD_MODEL_TYPES, sequence_rewards
 
@@ -180,11 +180,7 @@ def save_reward_model(trainer: RewardModelTrainer, output_dir: str, metrics: dic
         scoring = "the single logit of the sequence-classification head on prompt + response"
     info = {"type": trainer.args.reward_type, "normalization": "length" if trainer.args.reward_type == "lm" else None,
             "reward": scoring, "loss": "bradley-terry", "metrics": metrics or {}}
-    path = os.path.join(output_dir, REWARD_INFO_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_json(os.path.join(output_dir, REWARD_INFO_NAME), info)
 
 
 def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, model_args) -> dict[str, float]:
