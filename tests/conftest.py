@@ -3,7 +3,6 @@ model and data saved to disk for the command-line tests."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,15 +16,8 @@ if TESTS_DIR not in sys.path:
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """The tiny model and tokenizer saved as a model folder, and a JSONL file of ``messages`` conversations."""
-    from fixtures.tiny import build_model, build_tokenizer, make_examples
+    from fixtures.tiny import save_model_and_data
 
     root = tmp_path_factory.mktemp("cli_assets")
-    model_dir = root / "tiny-model"
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(model_dir)
-    build_model(tokenizer).save_pretrained(model_dir)
-    data = root / "data.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for example in make_examples(64, 8, 12, seed=0):
-            f.write(json.dumps(example) + "\n")
-    return {"root": root, "model": str(model_dir), "data": str(data)}
+    model_dir, data = save_model_and_data(root, 64, model_dir="tiny-model")
+    return {"root": root, "model": model_dir, "data": data}
