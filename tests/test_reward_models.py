@@ -383,6 +383,7 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
                  "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
                  "--max_completion_length", "6", "--learning_rate", "1e-3"]) == 0
     results = json.load(open(out / "results.json"))
+    assert results["complete"] and not os.path.exists(out / "results.json.tmp")
     assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]
     (point,) = results["points"]
     sft = results["runs"][1]["summary"]

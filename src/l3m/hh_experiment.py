@@ -125,18 +125,24 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
         print(format_table([record]).splitlines()[-1], flush=True)
         return record
 
-    records = [train_and_evaluate("initial", "initial", "sft", 0, None),
-               train_and_evaluate("SFT", "SFT", "sft", objective_steps, None)]
+    results_path = os.path.join(settings.output_dir, "results.json")
+    records, points = [], []
+
+    def run(*spec) -> None:
+        # results.json is rewritten after every model, so a stopped experiment keeps the models it finished
+        records.append(train_and_evaluate(*spec))
+        write_json(results_path, {"settings": asdict(settings), "points": points, "runs": records,
+                                  "complete": len(records) == 2 + len(offsets) * len(solvers)})
+
+    run("initial", "initial", "sft", 0, None)
+    run("SFT", "SFT", "sft", objective_steps, None)
     sft = records[1]["summary"]
-    points = [(round(sft["helpful/mean"] + dh, 3), round(sft["harmless/mean"] + ds, 3)) for dh, ds in offsets]
+    points += [(round(sft["helpful/mean"] + dh, 3), round(sft["harmless/mean"] + ds, 3)) for dh, ds in offsets]
     for point in points:
         for solver in solvers:
             method = solver.upper()
-            records.append(train_and_evaluate(f"{method} ({point[0]:g}, {point[1]:g})", method, solver,
-                                              settings.max_steps, point))
+            run(f"{method} ({point[0]:g}, {point[1]:g})", method, solver, settings.max_steps, point)
 
-    results_path = write_json(os.path.join(settings.output_dir, "results.json"),
-                              {"settings": asdict(settings), "points": points, "runs": records})
     figure = plot_reward_pair_figure([
         RewardPairResult(r["label"], r["method"], (r["summary"]["helpful/mean"], r["summary"]["harmless/mean"]),
                          r["summary"]["log_ppl_mean"], r["summary"]["log_ppl_std"],
