@@ -17,6 +17,7 @@ from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer
 from l3m.constraints import compute_rewards, parse_constraints
 from l3m.data import load_task_splits
 from l3m.errors import L3MDataError
+from l3m.hh_experiment import ExperimentSettings
 from l3m.preference import PairCollator, parse_hh_transcript, prepare_preference_dataset
 from l3m.reward_training import RewardConfig, RewardModelTrainer, save_reward_model
 from l3m.rewards.models import REWARD_INFO_NAME, ModelReward
@@ -335,6 +336,7 @@ def test_l3m_reward_train_from_yaml_on_hh_transcripts(tmp_path, capsys):
     metrics = info["metrics"]
     assert metrics["num_pairs"] == {"train": 144, "validation": 24, "test": 32}
     assert metrics["test_accuracy"] > 0.9 > metrics["test_accuracy_before"]
+    assert metrics["test_loss"] < metrics["test_loss_before"]
     assert "reward: {path: " in capsys.readouterr().out
     (constraint,) = parse_constraints([{"reward": {"path": str(output_dir)}, "min": 0}])
     assert constraint.reward_func.type == "lm" and constraint.name == "rm"
@@ -387,12 +389,28 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
     assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]
     (point,) = results["points"]
     sft = results["runs"][1]["summary"]
-    assert point == pytest.approx([sft["helpful/mean"] + 0.05, sft["harmless/mean"] + 0.05], abs=1e-3)
+    (offset,) = ExperimentSettings(quick=True).points_offsets()
+    assert point == pytest.approx([sft["helpful/mean"] + offset[0], sft["harmless/mean"] + offset[1]], abs=1e-3)
     for run in results["runs"]:
         assert run["summary"]["num_examples"] == 8 and run["summary"]["helpful/mean"] < 0
         assert (run["satisfied"] is None) == (run["constraint"] is None)
     assert (out / "fig3_rewards.png").stat().st_size > 10_000
     assert "task log-ppl mean ± std" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--solvers", "l3m,ppo"], "solvers: expected a comma-separated list of l3m, mm, dual, got 'l3m,ppo'"),
+    (["--offsets", "0.1,0.2,0.3"], "offsets: expected pairs 'dh,ds' separated by ';', got '0.1,0.2,0.3'"),
+    (["--offsets", "0.1,high"], "offsets: expected 'dh,ds;dh,ds;...', got '0.1,high'"),
+    (["--helpful_rm", "no/such/../folder"], "helpful_rm.path: no such folder 'no/such/../folder'"),
+])
+def test_the_fig3_experiment_rejects_bad_settings_before_writing_anything(tmp_path, capsys, flags, message):
+    from l3m.cli import main
+
+    out = tmp_path / "hh"
+    assert main(["reward", "experiment", "--output_dir", str(out), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"l3m: error: {message}"
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ class DemoSettings:
     """The demo's budget. Chatterbot answers are short (median 11 tokens), so SFT answers short; the ranges sit
     on either side of that."""
 
-    output_dir: str = "outputs/demo"
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where the runs, results and figure go."})
     runs: list[DemoRun] = field(default_factory=lambda: [
         DemoRun("initial", max_steps=0),
         # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps.
@@ -54,18 +54,21 @@ class DemoSettings:
         # 32 tokens leave room above the range's top (a truncated sample violates max 30 anyway).
         DemoRun("L3M [13, 30]", 13, 30, max_completion_length=32, num_generations=8),
     ])
-    max_steps: int = 40
-    per_device_train_batch_size: int = 4
-    learning_rate: float = 2e-5
-    lr_scheduler_type: str = "constant"
-    num_generations: int = 4
-    max_completion_length: int = 48
-    max_length: int = 128
-    mu_final: float = 1e-6
-    ema_smoothing: float = 0.5  # a 40-step run needs a shorter memory than the paper's 0.1 over thousands of steps
-    test_size: int = 48
-    eval_max_new_tokens: int = 64
-    seed: int = 0
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps of every L3M run."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Prompts or task examples per step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    num_generations: int = field(default=4, metadata={"help": "Sampled responses per prompt in constraint steps "
+                                                               "(the lengthening run uses 8)."})
+    max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses in training "
+                                                                      "(the L3M runs set their own)."})
+    max_length: int = field(default=128, metadata={"help": "Task examples longer than this are dropped."})
+    mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
+    # a 40-step run needs a shorter memory than the paper's 0.1 over thousands of steps
+    ema_smoothing: float = field(default=0.5, metadata={"help": "EMA weight of the newest constraint estimate."})
+    test_size: int = field(default=48, metadata={"help": "Held-out prompts every model is evaluated on."})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Token cap of sampled responses in evaluation."})
+    seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
 
 
 def run_demo(settings: DemoSettings) -> list[dict]:

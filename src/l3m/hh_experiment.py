@@ -13,41 +13,52 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.demo import slug
 from l3m.errors import L3MConfigError
 
 NAMES = ("helpful", "harmless")
+CONSTRAINED_SOLVERS = ("l3m", "mm", "dual")
 
 
 @dataclass
 class ExperimentSettings:
     """The experiment's budget; ``quick`` shrinks it to a smoke run (one point, a few steps and prompts)."""
 
-    output_dir: str = "outputs/hh"
-    helpful_rm: str = "outputs/rm_helpful"
-    harmless_rm: str = "outputs/rm_harmless"
-    model_name_or_path: str = "demo"
-    dataset_name: str = "demo"
-    offsets: str = "0.05,0.05;0.15,0;0,0.15"  # constraint points: SFT's mean rewards plus these, ';'-separated
-    solvers: str = "l3m,mm"
-    max_steps: int = 40
-    per_device_train_batch_size: int = 4
-    learning_rate: float = 2e-5
-    lr_scheduler_type: str = "constant"
-    num_generations: int = 4
-    max_completion_length: int = 32
-    max_length: int = 128
-    ema_smoothing: float = 0.5
-    dual_lr: float = 1.0  # MM's multiplier step; rewards are mean log-likelihoods, so violations are small numbers
-    test_size: int = 48
-    eval_max_new_tokens: int = 48
-    seed: int = 0
-    quick: bool = False
+    output_dir: str = field(default="outputs/hh", metadata={"help": "Where results.json, the table's runs and "
+                                                                    "fig3_rewards.png go."})
+    helpful_rm: str = field(default="outputs/rm_helpful", metadata={"help": "The 'helpful' reward model (a folder "
+                                                                           "saved by `l3m reward train`)."})
+    harmless_rm: str = field(default="outputs/rm_harmless", metadata={"help": "The 'harmless' reward model."})
+    model_name_or_path: str = field(default="demo", metadata={"help": "The policy; 'demo': the embedded model."})
+    dataset_name: str = field(default="demo", metadata={"help": "The task data; 'demo': the embedded chatterbot data."})
+    # SFT lowers both rewards (on the stand-in, by 0.7 and 1.5 nats per token): the initial model meets every point
+    # below that gap, so all default points are feasible
+    offsets: str = field(default="0.1,0.3;0.3,0.1;0.3,0.6", metadata={
+        "help": "Constraint points as offsets 'helpful,harmless' from SFT's held-out mean rewards, ';'-separated."})
+    solvers: str = field(default="l3m,mm", metadata={"help": "Constrained solvers run at every point."})
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps of every constrained run."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Prompts or task examples per step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    num_generations: int = field(default=4, metadata={"help": "Sampled responses per prompt in constraint steps."})
+    max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
+    max_length: int = field(default=128, metadata={"help": "Task examples longer than this are dropped."})
+    ema_smoothing: float = field(default=0.5, metadata={"help": "EMA weight of the newest constraint estimate."})
+    dual_lr: float = field(default=1.0, metadata={
+        "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
+    test_size: int = field(default=48, metadata={"help": "Held-out prompts every model is evaluated on."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Token cap of sampled responses in evaluation."})
+    seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
+    quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
 
     def __post_init__(self):
+        unknown = [s for s in self.solvers.split(",") if s.strip() not in CONSTRAINED_SOLVERS]
+        if unknown or not self.solvers.strip():
+            raise L3MConfigError(f"solvers: expected a comma-separated list of {', '.join(CONSTRAINED_SOLVERS)}, "
+                                 f"got {self.solvers!r}")
         if self.quick:
             self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
             self.offsets = self.offsets.split(";")[0]

@@ -222,7 +222,8 @@ def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, m
     trainer.train()
     after = trainer.evaluate(test, metric_key_prefix="test")
     metrics = {"test_accuracy_before": before["test_accuracy"], "test_accuracy": after["test_accuracy"],
-               "test_loss": after["test_loss"], "best_validation_accuracy": trainer.state.best_metric,
+               "test_loss_before": before["test_loss"], "test_loss": after["test_loss"],
+               "best_validation_accuracy": trainer.state.best_metric,
                "num_pairs": {"train": len(trainer.train_dataset), "validation": len(trainer.eval_dataset),
                              "test": len(test)}}
     save_reward_model(trainer, args.output_dir, metrics)

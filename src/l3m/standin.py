@@ -32,7 +32,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -50,16 +50,20 @@ PREFERENCES = ("helpful", "harmless")
 class StandinSettings:
     """How the stand-in is built; a change of any field builds (and caches) a new one."""
 
-    samples_per_prompt: int = 2
-    deflections_per_prompt: int = 1
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 0.9
-    min_gap: float = 0.1
-    test_fraction: float = 0.2  # prompts whose pairs form the test split: held-out pairs share no prompt
-    max_prompts: int = 120  # of 748 distinct prompts (0: all); 3 sampled responses each take the most time
-    batch_size: int = 16
-    seed: int = 0
+    samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled from the demo model per prompt."})
+    deflections_per_prompt: int = field(default=1, metadata={
+        "help": "Responses sampled with a system prompt asking for a kind reply about something else."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Token cap of sampled responses."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
+    min_gap: float = field(default=0.1, metadata={"help": "Two responses form a pair when their scores differ by at "
+                                                          "least this much."})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "Fraction of the prompts whose pairs form the test split (held-out pairs share no prompt)."})
+    max_prompts: int = field(default=120, metadata={
+        "help": "Prompts used, of 748 distinct ones (0: all); sampling their responses takes most of the time."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts sampled and scored per batch."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt order, sampling and the split."})
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
