@@ -11,6 +11,7 @@ and the two panels of Fig. 3 are written to ``output_dir``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -165,14 +166,16 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    """One row per model: constraint point, mean rewards, satisfaction, task log-ppl, training time."""
-    header = (f"{'model':<26} {'steps':>5} {'helpful mean':>13} {'harmless mean':>14} {'satisfied':>9} "
-              f"{'task log-ppl mean ± std':>24} {'train s':>8}")
+    """One row per model: constraint point, mean rewards ± standard error over the held-out prompts, whether each
+    constraint's mean is met (helpful/harmless), task log-ppl, training time."""
+    header = (f"{'model':<26} {'steps':>5} {'helpful mean ± s.e.':>20} {'harmless mean ± s.e.':>21} "
+              f"{'satisfied':>9} {'task log-ppl mean ± std':>24} {'train s':>8}")
     lines = [header, "-" * len(header)]
     for r in records:
         s = r["summary"]
-        satisfied = "-" if r["satisfied"] is None else ("yes" if r["satisfied"] else "NO")
-        lines.append(f"{r['label']:<26} {r['steps']:>5} {s['helpful/mean']:>13.3f} {s['harmless/mean']:>14.3f} "
-                     f"{satisfied:>9} {s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} "
-                     f"{r['train_seconds']:>8.0f}")
+        rewards = [f"{s[f'{n}/mean']:.3f} ± {s[f'{n}/std'] / math.sqrt(s['num_examples']):.3f}" for n in NAMES]
+        satisfied = "-" if r["satisfied"] is None else "/".join(
+            "yes" if s[f"{n}/satisfied"] else "NO" for n in NAMES)
+        lines.append(f"{r['label']:<26} {r['steps']:>5} {rewards[0]:>20} {rewards[1]:>21} {satisfied:>9} "
+                     f"{s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} {r['train_seconds']:>8.0f}")
     return "\n".join(lines)
