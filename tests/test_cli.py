@@ -192,6 +192,24 @@ def test_help_returns_0(capsys):
     assert "train" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command, settings", [
+    (["demo"], "l3m.demo:DemoSettings"), (["reward", "build-standin"], "l3m.standin:StandinSettings"),
+    (["reward", "experiment"], "l3m.hh_experiment:ExperimentSettings")])
+def test_settings_commands_explain_every_flag(command, settings, capsys):
+    import dataclasses
+    import importlib
+
+    module, name = settings.split(":")
+    fields = [f for f in dataclasses.fields(getattr(importlib.import_module(module), name)) if f.name != "runs"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for f in fields:
+        assert f"--{f.name}" in text and f.metadata.get("help"), f"--{f.name} has no help text"
+        assert "".join(f.metadata["help"].split()) in text
+
+
 def test_unknown_command_returns_2(capsys):
     assert main(["nosuchcommand"]) == 2
 
