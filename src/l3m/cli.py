@@ -271,12 +271,12 @@ def _settings_from_argv(cls, argv: list[str], prog: str, description: str, skip:
         default = getattr(defaults, f.name)
         if f.name in skip:
             continue
-        help = f.metadata.get("help")
+        help_text = f.metadata.get("help")
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", action="store_true", help=help)
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=type(default), default=default,
-                                help=None if help is None else f"{help} (default: %(default)s)")
+                                help=None if help_text is None else f"{help_text} (default: %(default)s)")
     return cls(**vars(parser.parse_args(argv)))
 
 

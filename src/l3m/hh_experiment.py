@@ -56,13 +56,17 @@ class ExperimentSettings:
     quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
 
     def __post_init__(self):
-        unknown = [s for s in self.solvers.split(",") if s.strip() not in CONSTRAINED_SOLVERS]
-        if unknown or not self.solvers.strip():
-            raise L3MConfigError(f"solvers: expected a comma-separated list of {', '.join(CONSTRAINED_SOLVERS)}, "
-                                 f"got {self.solvers!r}")
+        self.solver_names()  # an unknown solver stops the command before anything is trained
         if self.quick:
             self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
             self.offsets = self.offsets.split(";")[0]
+
+    def solver_names(self) -> list[str]:
+        names = [name.strip() for name in self.solvers.split(",")]
+        if not all(name in CONSTRAINED_SOLVERS for name in names):
+            raise L3MConfigError(f"solvers: expected a comma-separated list of {', '.join(CONSTRAINED_SOLVERS)}, "
+                                 f"got {self.solvers!r}")
+        return names
 
     def points_offsets(self) -> list[tuple[float, float]]:
         try:
@@ -89,7 +93,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
 
     started = time.time()
     offsets = settings.points_offsets()
-    solvers = [s.strip() for s in settings.solvers.split(",") if s.strip()]
+    solvers = settings.solver_names()
     rewards = {name: ModelReward(path, field=f"{name}_rm")
                for name, path in zip(NAMES, (settings.helpful_rm, settings.harmless_rm))}
     model_path = demo_model_path() if settings.model_name_or_path == "demo" else settings.model_name_or_path
