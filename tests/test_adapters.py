@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-import l3m.trainer as trainer_module
+import l3m.training.trainer as trainer_module
 from fixtures.tiny import build_model, build_tokenizer, make_examples
 from l3m import Constraint, L3MConfig, L3MTrainer
 

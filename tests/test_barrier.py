@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l3m.barrier import implied_multipliers, mu_at_step, relaxed_log_barrier, relaxed_log_barrier_grad
+from l3m.solvers.barrier import implied_multipliers, mu_at_step, relaxed_log_barrier, relaxed_log_barrier_grad
 
 F64 = torch.float64
 

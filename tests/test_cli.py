@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from l3m.cli import main, parse_config
-from l3m.compare import plan_comparison
+from l3m.experiments.compare import plan_comparison
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml")))
@@ -193,8 +193,8 @@ def test_help_returns_0(capsys):
 
 
 @pytest.mark.parametrize("command, settings", [
-    (["demo"], "l3m.demo:DemoSettings"), (["reward", "build-standin"], "l3m.standin:StandinSettings"),
-    (["reward", "experiment"], "l3m.hh_experiment:ExperimentSettings")])
+    (["demo"], "l3m.experiments.demo:DemoSettings"), (["reward", "build-standin"], "l3m.rewards.standin:StandinSettings"),
+    (["reward", "experiment"], "l3m.experiments.hh:ExperimentSettings")])
 def test_settings_commands_explain_every_flag(command, settings, capsys):
     import dataclasses
     import importlib

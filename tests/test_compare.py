@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from l3m.cli import main
-from l3m.compare import expand_methods, format_table, plan_comparison
+from l3m.experiments.compare import expand_methods, format_table, plan_comparison
 from l3m.errors import L3MConfigError
-from l3m.trainer import objective_step_count
+from l3m.training.trainer import objective_step_count
 
 METHODS = [
     {"name": "SFT", "solver": "sft", "match_objective_steps": True},

@@ -9,7 +9,7 @@ import torch
 
 from l3m.constraints import (Bound, Constraint, compute_rewards, parse_constraints, satisfied_mask,
                              surrogate_violations, violations)
-from l3m.reinforce import constraint_advantages
+from l3m.training.reinforce import constraint_advantages
 from l3m.errors import L3MConfigError
 from l3m.rewards import REWARD_REGISTRY, length_chars, length_tokens, length_words, resolve_reward
 

@@ -43,7 +43,7 @@ def test_demo_model_converts_to_plain_safetensors(tmp_path, monkeypatch):
 
 
 def test_miniature_demo_writes_table_results_and_figure(tmp_path, capsys):
-    from l3m.demo import DemoRun, DemoSettings, run_demo
+    from l3m.experiments.demo import DemoRun, DemoSettings, run_demo
 
     settings = DemoSettings(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
                             max_completion_length=8, test_size=4, eval_max_new_tokens=8,

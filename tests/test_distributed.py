@@ -13,9 +13,9 @@ import torch
 
 import l3m
 from fixtures.tiny import build_model, build_tokenizer
-from l3m.distributed import check_launch
+from l3m.training.distributed import check_launch
 from l3m.errors import L3MConfigError
-from l3m.reinforce import reinforce_loss
+from l3m.training.reinforce import reinforce_loss
 from l3m.sampling import Completions, completion_logps, response_nll
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from l3m.plots import RewardPairResult, feasibility_margin, plot_reward_pair_figure
+from l3m.experiments.plots import RewardPairResult, feasibility_margin, plot_reward_pair_figure
 
 
 def test_feasibility_margin_is_the_distance_inside_both_bounds():

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.training.reinforce import constraint_advantages, reinforce_loss
 
 F64 = torch.float64
 

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from fixtures.tiny import build_model, build_tokenizer, make_examples
 from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer, L3MTrainingStopped
-from l3m.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
+from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
                              last_complete_checkpoint)
 
 LENGTH = Constraint("length_tokens", min=2, max=5, name="length")
@@ -178,7 +178,7 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, source, caplo
     assert counts == [0] * skipped + [1] * (8 - skipped)
     assert all(math.isfinite(v) for log in recorder.logs for k, v in log.items() if k != "loss")
     if source == "reward":
-        assert torch.isfinite(trainer.multipliers.ema).all()  # the NaN estimate never reached the EMA
+        assert torch.isfinite(trainer.solver.ema).all()  # the NaN estimate never reached the EMA
 
 
 def test_too_many_skipped_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_weights(tmp_path):

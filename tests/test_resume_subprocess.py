@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import l3m
 from fixtures.tiny import save_model_and_data
-from l3m.checkpoints import SOLVER_STATE_NAME, TRAINER_STATE_NAME
+from l3m.training.checkpoints import SOLVER_STATE_NAME, TRAINER_STATE_NAME
 from l3m.cli import main
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(l3m.__file__)))

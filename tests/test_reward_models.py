@@ -17,9 +17,9 @@ from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer
 from l3m.constraints import compute_rewards, parse_constraints
 from l3m.data import load_task_splits
 from l3m.errors import L3MDataError
-from l3m.hh_experiment import ExperimentSettings
-from l3m.preference import PairCollator, parse_hh_transcript, prepare_preference_dataset
-from l3m.reward_training import RewardConfig, RewardModelTrainer, save_reward_model
+from l3m.experiments.hh import ExperimentSettings
+from l3m.rewards.preference import PairCollator, parse_hh_transcript, prepare_preference_dataset
+from l3m.rewards.training import RewardConfig, RewardModelTrainer, save_reward_model
 from l3m.rewards.models import REWARD_INFO_NAME, ModelReward
 
 GOOD, BAD = WORDS[:10], WORDS[30:40]  # the toy preference: answers in w0-w9 beat answers in w30-w39
@@ -362,7 +362,7 @@ def test_l3m_train_with_a_missing_reward_model_fails_in_one_line(tmp_path, capsy
 def test_example_reward_configs_parse(path):
     from l3m.cli import parse_config
     from l3m.config import ModelConfig
-    from l3m.reward_training import RewardScriptArguments
+    from l3m.rewards.training import RewardScriptArguments
 
     script_args, args, model_args, _ = parse_config(["--config", path],
                                                     types=(RewardScriptArguments, RewardConfig, ModelConfig))

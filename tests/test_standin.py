@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l3m.standin import RelevanceScorer, _statistics, civility_scores, label_pairs, StandinSettings
+from l3m.rewards.standin import RelevanceScorer, _statistics, civility_scores, label_pairs, StandinSettings
 
 
 def test_civility_prefers_kind_words_and_relevance_prefers_on_topic_answers():
@@ -46,7 +46,7 @@ def test_build_standin_writes_pairs_and_statistics_once(tmp_path):
     import json
 
     from fixtures.tiny import build_model, build_tokenizer
-    from l3m.standin import build_standin
+    from l3m.rewards.standin import build_standin
 
     model_dir = tmp_path / "tiny"
     tokenizer = build_tokenizer()

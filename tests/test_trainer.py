@@ -14,7 +14,7 @@ from fixtures.tiny import build_model, build_tokenizer, make_examples
 from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer
 from l3m.data import prepare_dataset
 from l3m.evaluation import evaluate_model
-from l3m.trainer import SOLVER_STATE_NAME, is_constraint_step
+from l3m.training.trainer import SOLVER_STATE_NAME, is_constraint_step
 
 # The random tiny model rambles (about 9 tokens, a quarter of samples hit the 16-token cap); the task data's answers
 # have 8-12 tokens. The constraint asks for 2-5 tokens: violated at the start, and away from where SFT goes.
@@ -60,7 +60,7 @@ def test_length_constraint_is_satisfied_where_sft_is_not(tmp_path):
 
     l3m = _trainer(tmp_path / "l3m", constraints=[Constraint("length_tokens", min=low, max=high, name="length")])
     l3m.train()
-    ema_min, ema_max = l3m.multipliers.ema.tolist()  # C = low - E|y| and E|y| - high
+    ema_min, ema_max = l3m.solvers.ema.tolist()  # C = low - E|y| and E|y| - high
     assert ema_min <= 0 and ema_max <= 0, f"EMA of the constraint values still violated: {ema_min}, {ema_max}"
     l3m_length = _held_out_mean_length(l3m)
     assert low <= l3m_length <= high
@@ -166,7 +166,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
     resumed = _trainer(tmp_path / "resumed", constraints=constraint, max_steps=16, save_strategy="steps", save_steps=8)
     resumed.train(resume_from_checkpoint=checkpoint)
-    assert resumed.multipliers.ema.tolist() == straight.multipliers.ema.tolist()
+    assert resumed.solver.ema.tolist() == straight.solver.ema.tolist()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # bit-for-bit on CPU
 
@@ -197,10 +197,10 @@ def test_baselines_satisfy_a_violated_length_constraint(tmp_path, solver):
 
     values = [log["constraints/length/value"] for log in recorder.logs if "constraints/length/value" in log]
     assert values[0] > 2, f"the initial policy must violate the constraint, got C = {values[0]}"
-    assert trainer.multipliers.lam.item() > 0  # learned: it rose from multiplier_init = 0 while violated
+    assert trainer.solver.lam.item() > 0  # learned: it rose from multiplier_init = 0 while violated
     final_length = _held_out_mean_length(trainer)
     assert final_length <= high, f"{solver}: held-out mean length {final_length} > {high}"
-    assert trainer.multipliers.estimate.item() <= 0
+    assert trainer.solver.estimate.item() <= 0
     logged = set().union(*recorder.logs)
     assert {"constraints/length/multiplier", "constraints/length/ema", "constraints/length/satisfied_frac"} <= logged
     assert "barrier/mu" not in logged
@@ -208,12 +208,11 @@ def test_baselines_satisfy_a_violated_length_constraint(tmp_path, solver):
                    if "constraints/length/multiplier" in log]
     assert multipliers[0] < multipliers[-1]
     if solver == "dual":
-        assert trainer.multipliers.iteration >= 3
-        assert len(trainer.multipliers.history) == trainer.multipliers.iteration + 1
-        iterates = [(log["dual/iteration"], log["dual/length/lambda"]) for log in recorder.logs
-                    if "dual/iteration" in log]
-        assert iterates[-1] == (trainer.multipliers.iteration, trainer.multipliers.history[-1][0])
-        assert all(lam == trainer.multipliers.history[int(t)][0] for t, lam in iterates)
+        assert trainer.solver.iteration >= 3
+        assert len(trainer.solver.history) == trainer.solver.iteration + 1
+        iterations = [log["dual/iteration"] for log in recorder.logs if "dual/iteration" in log]
+        assert iterations == sorted(iterations) and iterations[-1] == trainer.solver.iteration
+        assert not any(key.startswith("dual/length") for log in recorder.logs for key in log)  # λ has one key
 
 
 def test_mm_dual_lr_only_matters_below_the_gradient_clip(tmp_path):
@@ -224,8 +223,8 @@ def test_mm_dual_lr_only_matters_below_the_gradient_clip(tmp_path):
     for lr in (0.2, 20.0, 2e-4):  # built and trained in turn: the Trainer seeds the RNGs when it is built
         runs[lr] = _trainer(tmp_path / str(lr), constraints=constraint, max_steps=16, solver="mm", dual_lr=lr)
         runs[lr].train()
-    torch.testing.assert_close(runs[20.0].multipliers.lam, 100 * runs[0.2].multipliers.lam)
-    assert runs[0.2].multipliers.lam.max() > 0
+    torch.testing.assert_close(runs[20.0].solver.lam, 100 * runs[0.2].solver.lam)
+    assert runs[0.2].solver.lam.max() > 0
     weights = {lr: torch.cat([p.detach().flatten() for p in t.model.parameters()]) for lr, t in runs.items()}
     assert (weights[0.2] - weights[20.0]).abs().max() < 1e-5
     assert (weights[0.2] - weights[2e-4]).abs().max() > 1e-3
@@ -262,7 +261,7 @@ def test_resume_of_an_mm_run_restores_the_multipliers(tmp_path):
     resumed = _trainer(tmp_path / "resumed", constraints=constraint, max_steps=16, save_strategy="steps",
                        save_steps=8, solver="mm", dual_lr=0.2)
     resumed.train(resume_from_checkpoint=checkpoint)
-    assert resumed.multipliers.state_dict() == straight.multipliers.state_dict()
+    assert resumed.solver.state_dict() == straight.solver.state_dict()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # bit-for-bit on CPU
 

@@ -3,9 +3,9 @@
 from l3m.config import L3MConfig, ModelConfig, ScriptArguments
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError, L3MDataError, L3MError, L3MTrainingStopped
-from l3m.reward_training import RewardConfig, RewardModelTrainer
+from l3m.rewards.training import RewardConfig, RewardModelTrainer
 from l3m.rewards.models import ModelReward
-from l3m.trainer import L3MTrainer
+from l3m.training.trainer import L3MTrainer
 
 __version__ = "0.1.0"
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 
 import yaml
 
 from l3m.errors import L3MConfigError
+from l3m.files import atomic_path, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +56,9 @@ def demo_model_path() -> str:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=DEMO_MODEL_NAME + ".", dir=os.path.dirname(target))
-    try:
+    with atomic_path(target, directory=True) as staging:  # a half-written conversion never looks complete
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)  # mkdtemp creates it private
-        os.replace(staging, target)  # atomic: a half-written conversion never looks complete
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -96,11 +87,4 @@ def demo_data_path() -> str:
     target = os.path.join(cache_dir(), "chatterbot_english.jsonl")
     if os.path.exists(target):
         return target
-    records = chatterbot_conversations()
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix="chatterbot.", dir=os.path.dirname(target))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(staging, target)
-    return target
+    return write_jsonl(target, chatterbot_conversations())

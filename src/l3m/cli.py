@@ -1,6 +1,6 @@
 """The ``l3m`` command: ``l3m train | eval | compare | demo | reward``.
 
-``train``, ``eval`` and ``compare`` (:mod:`l3m.compare`) read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
+``train``, ``eval`` and ``compare`` (:mod:`l3m.experiments.compare`) read every field of :class:`l3m.ScriptArguments`, :class:`l3m.L3MConfig` and
 :class:`l3m.ModelConfig` from ``--config file.yaml``; ``--field value`` flags override the file (as TRL's CLI).
 """
 
@@ -208,7 +208,7 @@ def _load_splits(script_args, seed: int):
 
 
 def cmd_train(argv: list[str]) -> int:
-    from l3m.trainer import L3MTrainer
+    from l3m.training.trainer import L3MTrainer
 
     script_args, training_args, model_args, _ = parse_config(argv)
     splits = _load_splits(script_args, training_args.seed)  # data errors surface before a slow model load
@@ -232,7 +232,8 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from l3m.data import prepare_dataset
-    from l3m.evaluation import evaluate_model, write_json
+    from l3m.evaluation import evaluate_model
+    from l3m.files import write_json
 
     script_args, training_args, model_args, extras = parse_config(argv, extra_keys=("model", "output"))
     model_dir = extras["model"]
@@ -281,7 +282,7 @@ def _settings_from_argv(cls, argv: list[str], prog: str, description: str, skip:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from l3m.demo import DemoSettings, run_demo
+    from l3m.experiments.demo import DemoSettings, run_demo
 
     run_demo(_settings_from_argv(DemoSettings, argv, "l3m demo", "Fig. 2 of the L3M paper, offline, on CPU.",
                                  skip=("runs",)))
@@ -289,7 +290,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    from l3m.compare import run_comparison
+    from l3m.experiments.compare import run_comparison
 
     if any(arg in ("-h", "--help") for arg in argv):
         print("usage: l3m compare --config compare.yaml [--field value ...]\n\n"
@@ -318,7 +319,7 @@ def cmd_reward(argv: list[str]) -> int:
 
 def cmd_reward_train(argv: list[str]) -> int:
     from l3m.config import ModelConfig
-    from l3m.reward_training import RewardConfig, RewardScriptArguments, train_reward_model
+    from l3m.rewards.training import RewardConfig, RewardScriptArguments, train_reward_model
 
     script_args, reward_args, model_args, _ = parse_config(
         argv, types=(RewardScriptArguments, RewardConfig, ModelConfig))
@@ -330,7 +331,7 @@ def cmd_reward_train(argv: list[str]) -> int:
 
 
 def cmd_reward_build_standin(argv: list[str]) -> int:
-    from l3m.standin import StandinSettings, build_standin
+    from l3m.rewards.standin import StandinSettings, build_standin
 
     settings = _settings_from_argv(StandinSettings, argv, "l3m reward build-standin",
                                    "Build the offline helpful/harmless stand-in preference data in the l3m cache.")
@@ -342,7 +343,7 @@ def cmd_reward_build_standin(argv: list[str]) -> int:
 
 
 def cmd_reward_experiment(argv: list[str]) -> int:
-    from l3m.hh_experiment import ExperimentSettings, run_experiment
+    from l3m.experiments.hh import ExperimentSettings, run_experiment
 
     run_experiment(_settings_from_argv(ExperimentSettings, argv, "l3m reward experiment",
                                        "Fig. 3 of the L3M paper on the offline HH stand-in, on CPU."))

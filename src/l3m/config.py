@@ -24,7 +24,7 @@ class L3MConfig(TrainingArguments):
 
     > Solver
 
-    solver (`str`, defaults to `"l3m"`): where the weights of the constraint gradients come from (`l3m.multipliers`):
+    solver (`str`, defaults to `"l3m"`): where the weights of the constraint gradients come from (`l3m.solvers`):
         ``"l3m"`` the log barrier (Sec. 5); ``"mm"`` the minimax-Lagrangian baseline, multipliers learned by
         projected dual ascent (Sec. 4.2, 6.3); ``"dual"`` the iterative dual baseline (Zhang et al. 2025), multipliers
         fixed for ``dual_update_steps`` constraint steps, then one dual step; ``"sft"`` ignores the constraints (plain

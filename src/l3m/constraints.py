@@ -216,7 +216,7 @@ def compute_rewards(
 
     A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`.
     NaN or inf are an error too unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
-    and the step is skipped and counted, :mod:`l3m.guards`). ``reward_kwargs`` are passed on to every reward function
+    and the step is skipped and counted, :mod:`l3m.training.guards`). ``reward_kwargs`` are passed on to every reward function
     (the trainer passes ``trainer_state``, as TRL does).
     """
     rewards = {}

@@ -13,9 +13,7 @@ Shapes: B examples per batch.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -88,14 +86,6 @@ def evaluate_model(
         summary[f"{c.name}/satisfied"] = bool(values) and c.is_met_by(scored)
         summary[f"{c.name}/inside_frac"] = _mean([float(c.is_satisfied_by(v)) for v in values])
     return {"summary": summary, "log_ppl": log_ppl, "lengths": lengths, "rewards": rewards, "samples": samples}
-
-
-def write_json(path: str, data) -> str:
-    """Write ``data`` as indented JSON to ``path`` atomically (a reader never sees a partial file)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -39,7 +39,7 @@ def sequence_rewards(model, reward_type: str, batch: dict[str, torch.Tensor]) ->
     """Rewards ``(N,)`` of a collated batch (:class:`l3m.data.CompletionCollator`) of prompt + response sequences.
 
     ``lm``: minus the length-normalized NLL of the response tokens (``labels != -100``); ``seqcls``: the single
-    logit. Differentiable: :class:`l3m.reward_training.RewardModelTrainer` trains through this same function.
+    logit. Differentiable: :class:`l3m.rewards.training.RewardModelTrainer` trains through this same function.
     """
     from l3m.sampling import response_nll
 

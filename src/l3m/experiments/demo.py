@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from l3m.assets import demo_data_path, demo_model_path
 from l3m.constraints import Constraint
 from l3m.data import load_task_splits, prepare_dataset
-from l3m.evaluation import evaluate_model, write_json
-from l3m.plots import LengthResult, plot_length_figure
+from l3m.evaluation import evaluate_model
+    from l3m.files import write_json
+from l3m.experiments.plots import LengthResult, plot_length_figure
 
 
 
@@ -77,7 +78,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from l3m.config import L3MConfig
-    from l3m.trainer import L3MTrainer, objective_step_count
+    from l3m.training.trainer import L3MTrainer, objective_step_count
 
     started = time.time()
     model_path = demo_model_path()

@@ -25,8 +25,8 @@ from transformers import Trainer, TrainingArguments
 
 from l3m.config import ScriptArguments, _check
 from l3m.errors import L3MConfigError
-from l3m.evaluation import write_json
-from l3m.preference import PairCollator, prepare_preference_dataset
+from l3m.files import write_json
+from l3m.rewards.preference import PairCollator, prepare_preference_dataset
 from l3m.rewards.models import REWARD_INFO_NAME, REWARD_MODEL_TYPES, sequence_rewards
 
 
@@ -116,7 +116,7 @@ class RewardModelTrainer(Trainer):
     Args:
         model: a causal LM (``reward_type="lm"``) or a one-logit sequence-classification model (``"seqcls"``).
         args: a :class:`RewardConfig`.
-        train_dataset / eval_dataset: preference data in any format of :mod:`l3m.preference`.
+        train_dataset / eval_dataset: preference data in any format of :mod:`l3m.rewards.preference`.
         processing_class: the model's tokenizer.
     """
 
@@ -190,14 +190,14 @@ def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, m
 
     from l3m.cli import load_model_and_tokenizer
     from l3m.data import load_task_splits
-    from l3m.preference import check_preference_columns
+    from l3m.rewards.preference import check_preference_columns
 
     name = script_args.dataset_name
     if not name:
         raise L3MConfigError("dataset_name: required (a hub dataset, a local .json/.jsonl/.parquet file, or "
                              "standin-helpful / standin-harmless)")
     if name.startswith("standin-"):
-        from l3m.standin import PREFERENCES, build_standin
+        from l3m.rewards.standin import PREFERENCES, build_standin
 
         preference = name.removeprefix("standin-")
         if preference not in PREFERENCES:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from l3m.errors import L3MConfigError
+from l3m.files import atomic_path
 
 
 @dataclass
@@ -69,11 +70,9 @@ def _pyplot():
 
 def _save(fig, plt, path: str) -> str:
     """Write ``fig`` as a PNG atomically to ``path`` and close it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    staging = path + ".tmp.png"
-    fig.savefig(staging, dpi=120)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     plt.close(fig)
-    os.replace(staging, path)
     return path
 
 

@@ -30,14 +30,13 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from l3m.assets import cache_dir, chatterbot_conversations, demo_model_path
 from l3m.errors import L3MConfigError
+from l3m.files import atomic_path, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -238,21 +237,10 @@ def write_standin(candidates: list[dict], settings: StandinSettings, target: str
     stats["num_pairs"] = {name: {split: len(files[f"{name}/{split}.jsonl"]) for split in ("train", "test")}
                           for name in PREFERENCES}
 
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix="standin.", dir=os.path.dirname(target))
-    try:
+    with atomic_path(target, directory=True) as staging:  # a half-built stand-in never looks complete
         for name, rows in files.items():
-            os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
-            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as f:
-            json.dump({"settings": asdict(settings), **stats}, f, indent=2)
-        os.chmod(staging, 0o755)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)  # atomic: a half-built stand-in never looks complete
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            write_jsonl(os.path.join(staging, name), rows)
+        write_json(os.path.join(staging, "stats.json"), {"settings": asdict(settings), **stats})
 
 
 def _statistics(candidates: list[dict], by_prompt: dict[str, list[dict]], settings: StandinSettings) -> dict:

@@ -3,12 +3,12 @@
 Each optimizer step flips a seeded coin (Sec. 5.4). An *objective step* takes a gradient step on the task objective
 ``L`` (length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
 scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the log-barrier multipliers (Eq. 11,
-Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``dual``, a baseline's learned multipliers (:mod:`l3m.multipliers`).
+Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``dual``, a baseline's learned multipliers (:mod:`l3m.solvers`).
 The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no constraints, or
 ``solver="sft"``, every step is an objective step: plain SFT.
 
-Reliability (docs/reliability.md): a step with a non-finite loss, gradient or reward is skipped (:mod:`l3m.guards`);
-checkpoints are written atomically and SIGTERM/SIGINT save one before stopping (:mod:`l3m.checkpoints`).
+Reliability (docs/reliability.md): a step with a non-finite loss, gradient or reward is skipped (:mod:`l3m.training.guards`);
+checkpoints are written atomically and SIGTERM/SIGINT save one before stopping (:mod:`l3m.training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from l3m.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
+from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
                              last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
 from l3m.config import L3MConfig
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              violations)
 from l3m.data import CompletionCollator, prepare_dataset
-from l3m.distributed import check_launch, process_local_sampling
+from l3m.training.distributed import check_launch, process_local_sampling
 from l3m.errors import L3MConfigError, L3MTrainingStopped
-from l3m.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
-from l3m.multipliers import LogBarrierMultipliers, build_multipliers
-from l3m.reinforce import constraint_advantages, reinforce_loss
+from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
+from l3m.solvers import build_solver
+from l3m.training.reinforce import constraint_advantages, reinforce_loss
 from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 
@@ -121,7 +121,7 @@ class L3MTrainer(Trainer):
         )
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
         self.stop_ids = eos_ids(processing_class, model)
-        self.multipliers = build_multipliers(args)
+        self.solver = build_solver(args)
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self._pending_estimates: list[torch.Tensor] = []
@@ -159,13 +159,14 @@ class L3MTrainer(Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            self.multipliers.update_(torch.stack(self._pending_estimates).mean(dim=0))
+            self.solver.update_(torch.stack(self._pending_estimates).mean(dim=0))
             self._pending_estimates.clear()
-            self.infeasibility.observe(step, self.multipliers.estimate, self._step_multipliers)
+            self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers)
         self._metric_marks = None
         self._metrics["step/constraint"].append(float(self._constraint_step))
-        if self.bounds and isinstance(self.multipliers, LogBarrierMultipliers):
-            self._metrics["barrier/mu"].append(self.multipliers.mu(step, self.state.max_steps))
+        if self.bounds:
+            for key, value in self.solver.step_metrics(step, self.state.max_steps).items():
+                self._metrics[key].append(value)
         signalled = self._stop_signals is not None and self._stop_signals.received is not None
         if self._on_any_process(signalled or self.guard.exhausted):
             self.control.should_save = True  # the Trainer saves after this step's update, then stops
@@ -214,7 +215,7 @@ class L3MTrainer(Trainer):
         rewards = compute_rewards(self.constraints, prompts, texts, completions.completion_ids, allow_nonfinite=True,
                                   trainer_state=self.state)
         nonfinite = [name for name, values in rewards.items() if not torch.isfinite(values).all()]
-        if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.guards)
+        if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.training.guards)
             self.guard.flag(f"reward of {', '.join(nonfinite)}")
         device = completions.sequences.device
         local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
@@ -223,7 +224,7 @@ class L3MTrainer(Trainer):
         # estimate (the mean over all processes' responses), multipliers and EMA.
         all_violations = self.accelerator.gather(local_violations)
         estimate = all_violations.mean(dim=0)
-        multipliers = self.multipliers.multipliers(self.state.global_step, self.state.max_steps, estimate)
+        multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
         self._pending_estimates.append(estimate.detach().cpu())
 
@@ -258,11 +259,11 @@ class L3MTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs):
             logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
-            if self.multipliers.estimate is not None:
-                for bound, value in zip(self.bounds, self.multipliers.estimate.tolist()):
+            if self.solver.estimate is not None:
+                for bound, value in zip(self.bounds, self.solver.estimate.tolist()):
                     logs[f"constraints/{bound.name}/ema"] = value
             logs["train/skipped_steps"] = self.guard.skipped
-            logs.update(self.multipliers.log_values([b.name for b in self.bounds]))
+            logs.update(self.solver.log_values())
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -270,7 +271,7 @@ class L3MTrainer(Trainer):
         """Everything the solver changes during training, saved beside each checkpoint."""
         return {
             "solver": self.args.solver,
-            "multipliers": self.multipliers.state_dict(),
+            "multipliers": self.solver.state_dict(),
             "global_step": self.state.global_step,
             "constraints": [b.name for b in self.bounds],
             "coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability},
@@ -283,7 +284,7 @@ class L3MTrainer(Trainer):
     def _get_output_dir(self, trial) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
-    # Overridden (private hook) to save atomically (l3m.checkpoints): the solver state and the Trainer's files go
+    # Overridden (private hook) to save atomically (l3m.training.checkpoints): the solver state and the Trainer's files go
     # into tmp-checkpoint-N/checkpoint-N, which is renamed to checkpoint-N once complete; old checkpoints are
     # rotated only then.
     def _save_checkpoint(self, model, trial):
@@ -372,6 +373,6 @@ class L3MTrainer(Trainer):
         if state["solver"] != self.args.solver:
             raise L3MConfigError(f"solver: the checkpoint was trained with solver {state['solver']!r}, "
                                  f"not {self.args.solver!r}")
-        self.multipliers.load_state_dict(state["multipliers"])
+        self.solver.load_state_dict(state["multipliers"])
         if "infeasibility" in state:
             self.infeasibility.load_state_dict(state["infeasibility"])

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
-from l3m.demo import slug
+from l3m.experiments.demo import slug
 from l3m.errors import L3MConfigError
 
 NAMES = ("helpful", "harmless")
@@ -86,10 +86,11 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     from l3m.assets import demo_data_path, demo_model_path
     from l3m.config import L3MConfig
     from l3m.data import load_task_splits, prepare_dataset
-    from l3m.evaluation import evaluate_model, write_json
-    from l3m.plots import RewardPairResult, plot_reward_pair_figure
+    from l3m.evaluation import evaluate_model
+    from l3m.files import write_json
+    from l3m.experiments.plots import RewardPairResult, plot_reward_pair_figure
     from l3m.rewards.models import ModelReward
-    from l3m.trainer import L3MTrainer, objective_step_count
+    from l3m.training.trainer import L3MTrainer, objective_step_count
 
     started = time.time()
     offsets = settings.points_offsets()

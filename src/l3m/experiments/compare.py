@@ -100,8 +100,8 @@ def plan_comparison(argv: list[str]):
     ``plans`` are ``(method, training_args, model_args)``; ``shared_args`` the shared ``(script_args,
     training_args, model_args)``: the data and the constraints are the same for every method."""
     from l3m.cli import build_configs, parse_config_values
-    from l3m.demo import slug
-    from l3m.trainer import objective_step_count
+    from l3m.experiments.demo import slug
+    from l3m.training.trainer import objective_step_count
 
     values, extras = parse_config_values(argv, extra_keys=("methods", "eval_max_new_tokens"))
     methods = expand_methods(extras["methods"], set(values))
@@ -134,7 +134,7 @@ def run_comparison(argv: list[str]) -> dict:
     """Train and evaluate every method of the compare config; print the table, write ``results.json`` and one
     figure per constraint into the shared ``output_dir``. Returns the results."""
     from l3m.cli import _load_splits
-    from l3m.evaluation import write_json
+    from l3m.files import write_json
 
     plans, (script_args, training_args, model_args), eval_tokens = plan_comparison(argv)
     constraints = training_args.parsed_constraints
@@ -188,7 +188,7 @@ def _run_method(args, model_args, train, test, constraints, eval_tokens: int, de
     from l3m.cli import load_model_and_tokenizer, peft_config_from
     from l3m.data import prepare_dataset
     from l3m.evaluation import evaluate_model
-    from l3m.trainer import L3MTrainer
+    from l3m.training.trainer import L3MTrainer
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -207,7 +207,7 @@ def _run_method(args, model_args, train, test, constraints, eval_tokens: int, de
                             temperature=args.temperature, top_p=args.top_p,
                             batch_size=args.per_device_eval_batch_size, seed=args.seed, description=description)
     return {"train_seconds": train_seconds, "eval_seconds": time.time() - started, "peak_memory_mb": peak_mb,
-            "peak_memory_measure": measure, "multiplier_state": trainer.multipliers.state_dict() if trainer.bounds
+            "peak_memory_measure": measure, "multiplier_state": trainer.solver.state_dict() if trainer.bounds
             else None, **result}
 
 
@@ -289,9 +289,9 @@ def format_table(records: list[dict], constraints) -> str:
 
 def plot_comparison(records: list[dict], constraints, output_dir: str) -> list[str]:
     """One Fig. 2/3 style figure per constraint (``compare_<name>.png``): task log-ppl per method against the
-    constraint's mean reward, and box plots of the reward per method with the range (:mod:`l3m.plots`)."""
-    from l3m.demo import slug
-    from l3m.plots import LengthResult, plot_length_figure
+    constraint's mean reward, and box plots of the reward per method with the range (:mod:`l3m.experiments.plots`)."""
+    from l3m.experiments.demo import slug
+    from l3m.experiments.plots import LengthResult, plot_length_figure
 
     done = [r for r in records if "error" not in r]
     if not done:

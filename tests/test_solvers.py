@@ -1,4 +1,4 @@
-"""Multiplier strategies: the log barrier's EMA (Sec. 5.4) and multipliers, and the MM / iterative dual baselines."""
+"""Solvers: the log barrier's EMA (Sec. 5.4) and multipliers, and the MM / iterative dual baselines."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from l3m.barrier import implied_multipliers, mu_at_step
-from l3m.multipliers import (DualAscentMultipliers, IterativeDualMultipliers, LogBarrierMultipliers, Multipliers,
-                             build_multipliers)
+from l3m.solvers.barrier import implied_multipliers, mu_at_step
+from l3m.solvers import (MinimaxSolver, IterativeDualSolver, LogBarrierSolver, Solver,
+                             build_solver)
 
 
 def test_ema_is_seeded_with_the_first_estimate():
-    m = LogBarrierMultipliers(ema_smoothing=0.1)
+    m = LogBarrierSolver(ema_smoothing=0.1)
     assert m.ema is None
     first = torch.tensor([2.0, -1.0])
     m.update_(first)
@@ -25,7 +25,7 @@ def test_ema_is_seeded_with_the_first_estimate():
 
 
 def test_ema_update_rule():
-    m = LogBarrierMultipliers(ema_smoothing=0.1)
+    m = LogBarrierSolver(ema_smoothing=0.1)
     m.update_(torch.tensor([2.0, -1.0]))
     m.update_(torch.tensor([-8.0, 4.0]))
     # 0.9*[2, -1] + 0.1*[-8, 4] = [1.8 - 0.8, -0.9 + 0.4] = [1.0, -0.5]
@@ -36,7 +36,7 @@ def test_ema_update_rule():
 
 
 def test_ema_uses_the_configured_smoothing():
-    m = LogBarrierMultipliers(ema_smoothing=0.5)
+    m = LogBarrierSolver(ema_smoothing=0.5)
     m.update_(torch.tensor([4.0]))
     m.update_(torch.tensor([0.0]))
     # 0.5*4 + 0.5*0 = 2
@@ -44,7 +44,7 @@ def test_ema_uses_the_configured_smoothing():
 
 
 def test_ema_is_detached_float_on_cpu():
-    m = LogBarrierMultipliers()
+    m = LogBarrierSolver()
     est = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     m.update_(est * 1)
     assert m.ema.dtype == torch.float32
@@ -53,7 +53,7 @@ def test_ema_is_detached_float_on_cpu():
 
 
 def test_first_multipliers_come_from_the_given_estimate():
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-6)
     estimate = torch.tensor([1.0, -0.5])
     lam = m.multipliers(step=5, total_steps=11, estimate=estimate)
     # mu_5 = (1e-6)^(5/10) = 1e-3, k = 2: C = 1 is violated -> 1/(2*1e-3) = 500; C = -0.5 -> 1e-3/(2*0.5) = 1e-3
@@ -63,7 +63,7 @@ def test_first_multipliers_come_from_the_given_estimate():
 
 
 def test_multipliers_blend_this_steps_estimate_into_the_ema():
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
     m.update_(torch.tensor([2.0, -1.0]))
     m.update_(torch.tensor([-8.0, 4.0]))  # ema = [1.0, -0.5]
     this_step = torch.tensor([11.0, -5.5])
@@ -75,7 +75,7 @@ def test_multipliers_blend_this_steps_estimate_into_the_ema():
 
 
 def test_a_newly_violated_constraint_is_acted_on_in_the_same_step():
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.5)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.5)
     m.update_(torch.tensor([-1.0]))  # satisfied so far
     lam = m.multipliers(step=5, total_steps=11, estimate=torch.tensor([3.0]))  # blended: 0.5*-1 + 0.5*3 = 1 > 0
     assert lam.item() == pytest.approx(1 / 1e-3)  # active: 1/(k mu) with k = 1
@@ -86,7 +86,7 @@ def test_training_loop_order():
     total = 6
     estimates = [torch.tensor([0.5, -2.0]), torch.tensor([-1.0, -1.0]), torch.tensor([0.2, 0.3]),
                  torch.tensor([-0.1, 1.0]), torch.tensor([3.0, -0.2]), torch.tensor([0.0, 0.0])]
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-3, ema_smoothing=0.1)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-3, ema_smoothing=0.1)
     ema = None
     for t, est in enumerate(estimates):
         ema = est.clone() if ema is None else 0.9 * ema + 0.1 * est
@@ -98,18 +98,18 @@ def test_training_loop_order():
 
 
 def test_mu_follows_the_schedule():
-    m = LogBarrierMultipliers(mu_init=2.0, mu_final=0.02)
+    m = LogBarrierSolver(mu_init=2.0, mu_final=0.02)
     assert m.mu(0, 3) == pytest.approx(2.0)
     assert m.mu(1, 3) == pytest.approx(0.2)  # 2 * (0.01)^(1/2)
     assert m.mu(2, 3) == pytest.approx(0.02)
 
 
 def test_state_dict_round_trip():
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-4, ema_smoothing=0.1)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-4, ema_smoothing=0.1)
     m.update_(torch.tensor([0.25, -3.0, 1.5]))
     m.update_(torch.tensor([-0.75, 1.0, 0.5]))
     state = m.state_dict()
-    restored = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-4, ema_smoothing=0.1)
+    restored = LogBarrierSolver(mu_init=1.0, mu_final=1e-4, ema_smoothing=0.1)
     restored.load_state_dict(json.loads(json.dumps(state)))  # checkpoints hold plain JSON-able values
     torch.testing.assert_close(restored.ema, m.ema)
     assert restored.ema.dtype == torch.float32
@@ -123,10 +123,10 @@ def test_state_dict_round_trip():
 
 
 def test_state_dict_round_trip_before_any_update():
-    m = LogBarrierMultipliers()
+    m = LogBarrierSolver()
     state = m.state_dict()
     assert state == {"ema": None}
-    restored = LogBarrierMultipliers()
+    restored = LogBarrierSolver()
     restored.update_(torch.tensor([1.0]))  # a stale EMA is overwritten by the loaded (empty) state
     restored.load_state_dict(state)
     assert restored.ema is None
@@ -140,24 +140,24 @@ def test_state_dict_round_trip_before_any_update():
 def test_every_strategy_implements_the_interface_and_the_factory_picks_it(tmp_path):
     from l3m.config import L3MConfig
 
-    expected = {"l3m": LogBarrierMultipliers, "sft": LogBarrierMultipliers, "mm": DualAscentMultipliers,
-                "dual": IterativeDualMultipliers}
+    expected = {"l3m": LogBarrierSolver, "sft": LogBarrierSolver, "mm": MinimaxSolver,
+                "dual": IterativeDualSolver}
     for solver, cls in expected.items():
         args = L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver=solver, dual_lr=0.3,
                          multiplier_max=7.0, dual_update_steps=3)
-        m = build_multipliers(args)
-        assert type(m) is cls and isinstance(m, Multipliers), solver
+        m = build_solver(args)
+        assert type(m) is cls and isinstance(m, Solver), solver
         assert m.estimate is None
-    mm = build_multipliers(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="mm", dual_lr=0.3,
+    mm = build_solver(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="mm", dual_lr=0.3,
                                      multiplier_max=7.0, dual_warmup_steps=2, dual_ema_smoothing=0.5))
     assert (mm.dual_lr, mm.multiplier_max, mm.warmup_steps, mm.ema_smoothing) == (0.3, 7.0, 2, 0.5)
-    dual = build_multipliers(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="dual",
+    dual = build_solver(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="dual",
                                        dual_update_steps=3, dual_warm_start=True))
     assert (dual.update_steps, dual.warm_start) == (3, True)
 
 
 def test_log_barrier_estimate_is_its_ema():
-    m = LogBarrierMultipliers(ema_smoothing=0.5)
+    m = LogBarrierSolver(ema_smoothing=0.5)
     m.update_(torch.tensor([4.0]))
     m.update_(torch.tensor([0.0]))
     assert m.estimate is m.ema
@@ -167,7 +167,7 @@ def test_log_barrier_estimate_is_its_ema():
 def test_l3m_multiplier_of_an_inactive_constraint_vanishes_as_mu_decays():
     """Complementary slackness by design (Sec. 5.2): with C = -0.5 fixed, lambda~ = mu / (k * 0.5) -> 0."""
     total = 50
-    m = LogBarrierMultipliers(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
+    m = LogBarrierSolver(mu_init=1.0, mu_final=1e-6, ema_smoothing=0.1)
     inactive = torch.tensor([-0.5, 2.0])  # the second constraint stays violated
     mus, lams = [], []
     for t in range(total):
@@ -190,7 +190,7 @@ def test_l3m_multiplier_of_an_inactive_constraint_vanishes_as_mu_decays():
 
 
 def test_mm_multiplier_rises_while_violated_then_decays_to_zero_and_stays():
-    m = DualAscentMultipliers(dual_lr=0.5)
+    m = MinimaxSolver(dual_lr=0.5)
     lams = []
     for est in [2.0, 2.0, 2.0]:
         lams.append(m.multipliers(0, 10, torch.tensor([est])).item())
@@ -206,7 +206,7 @@ def test_mm_multiplier_rises_while_violated_then_decays_to_zero_and_stays():
 
 
 def test_mm_constraints_move_independently():
-    m = DualAscentMultipliers(dual_lr=0.1, multiplier_init=1.0)
+    m = MinimaxSolver(dual_lr=0.1, multiplier_init=1.0)
     torch.testing.assert_close(m.multipliers(0, 5, torch.tensor([3.0, -2.0])), torch.tensor([1.0, 1.0]))
     m.update_(torch.tensor([3.0, -2.0]))
     torch.testing.assert_close(m.lam, torch.tensor([1.3, 0.8]))
@@ -214,19 +214,19 @@ def test_mm_constraints_move_independently():
 
 
 def test_mm_cap_is_respected():
-    m = DualAscentMultipliers(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0)
+    m = MinimaxSolver(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0)
     for _ in range(10):
         m.update_(torch.tensor([3.0, 0.25]))
     torch.testing.assert_close(m.lam, torch.tensor([2.0, 2.0]))
     assert m.multipliers(0, 1, torch.tensor([9.0, 9.0])).max().item() == 2.0
-    log_m = DualAscentMultipliers(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0, log_parametrization=True)
+    log_m = MinimaxSolver(dual_lr=1.0, multiplier_init=0.5, multiplier_max=2.0, log_parametrization=True)
     for _ in range(10):
         log_m.update_(torch.tensor([3.0]))
     assert log_m.lam.item() == pytest.approx(2.0)
 
 
 def test_mm_warmup_delays_the_dual_updates():
-    m = DualAscentMultipliers(dual_lr=0.5, warmup_steps=3)
+    m = MinimaxSolver(dual_lr=0.5, warmup_steps=3)
     for _ in range(3):
         m.update_(torch.tensor([2.0]))
         assert m.lam.item() == 0.0
@@ -236,12 +236,12 @@ def test_mm_warmup_delays_the_dual_updates():
 
 
 def test_mm_ema_smoothing_drives_the_step():
-    m = DualAscentMultipliers(dual_lr=1.0, ema_smoothing=0.5)
+    m = MinimaxSolver(dual_lr=1.0, ema_smoothing=0.5)
     m.update_(torch.tensor([4.0]))  # ema = 4 (seeded), lam = 4
     m.update_(torch.tensor([-4.0]))  # ema = 0.5*4 + 0.5*(-4) = 0, lam stays 4
     torch.testing.assert_close(m.estimate, torch.tensor([0.0]))
     assert m.lam.item() == pytest.approx(4.0)
-    raw = DualAscentMultipliers(dual_lr=1.0)  # smoothing 1.0: the raw step estimate
+    raw = MinimaxSolver(dual_lr=1.0)  # smoothing 1.0: the raw step estimate
     raw.update_(torch.tensor([4.0]))
     raw.update_(torch.tensor([-4.0]))
     assert raw.lam.item() == pytest.approx(0.0)
@@ -249,7 +249,7 @@ def test_mm_ema_smoothing_drives_the_step():
 
 
 def test_mm_log_parametrization_stays_positive_and_follows_the_sign():
-    m = DualAscentMultipliers(dual_lr=0.5, multiplier_init=1.0, log_parametrization=True)
+    m = MinimaxSolver(dual_lr=0.5, multiplier_init=1.0, log_parametrization=True)
     m.update_(torch.tensor([2.0]))
     # log(lambda) += lr * C = 0.5 * 2, i.e. lambda *= exp(1)
     assert m.lam.item() == pytest.approx(math.exp(1.0))
@@ -274,18 +274,18 @@ def test_mm_log_parametrization_stays_positive_and_follows_the_sign():
 
 def test_mm_log_parametrization_needs_a_positive_start():
     with pytest.raises(ValueError, match="^multiplier_init: must be > 0"):
-        DualAscentMultipliers(multiplier_init=0.0, log_parametrization=True)
+        MinimaxSolver(multiplier_init=0.0, log_parametrization=True)
 
 
 @pytest.mark.parametrize("log_parametrization", [False, True])
 def test_mm_state_dict_round_trip(log_parametrization):
     kwargs = dict(dual_lr=0.2, multiplier_init=0.5, multiplier_max=10.0, warmup_steps=2, ema_smoothing=0.5,
                   log_parametrization=log_parametrization)
-    m = DualAscentMultipliers(**kwargs)
+    m = MinimaxSolver(**kwargs)
     for est in ([1.0, -2.0], [3.0, 0.5], [0.5, -1.0]):
         m.update_(torch.tensor(est))
     state = json.loads(json.dumps(m.state_dict()))
-    restored = DualAscentMultipliers(**kwargs)
+    restored = MinimaxSolver(**kwargs)
     restored.load_state_dict(state)
     assert restored.num_updates == 3
     torch.testing.assert_close(restored.lam, m.lam)
@@ -298,8 +298,8 @@ def test_mm_state_dict_round_trip(log_parametrization):
 
 
 def test_mm_state_dict_before_any_update():
-    m = DualAscentMultipliers(multiplier_init=0.25)
-    restored = DualAscentMultipliers(multiplier_init=0.25)
+    m = MinimaxSolver(multiplier_init=0.25)
+    restored = MinimaxSolver(multiplier_init=0.25)
     restored.update_(torch.tensor([5.0]))
     restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
     assert restored.lam is None and restored.estimate is None and restored.num_updates == 0
@@ -319,7 +319,7 @@ def _run_outer_iterations(m, estimates):
 
 
 def test_iterative_dual_is_constant_within_an_outer_iteration_and_takes_the_projected_step():
-    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=3, multiplier_init=1.0)
+    m = IterativeDualSolver(dual_lr=0.5, update_steps=3, multiplier_init=1.0)
     first = [[2.0, -1.0], [4.0, -3.0], [0.0, -2.0]]  # mean [2, -2]
     second = [[1.0, -4.0], [-1.0, -4.0], [3.0, -4.0]]  # mean [1, -4]
     used = _run_outer_iterations(m, first + second)
@@ -333,7 +333,7 @@ def test_iterative_dual_is_constant_within_an_outer_iteration_and_takes_the_proj
 
 
 def test_iterative_dual_estimate_is_the_running_mean_of_the_iteration():
-    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=4)
+    m = IterativeDualSolver(dual_lr=0.5, update_steps=4)
     assert m.estimate is None
     _run_outer_iterations(m, [[2.0], [4.0]])
     torch.testing.assert_close(m.estimate, torch.tensor([3.0]))
@@ -341,13 +341,13 @@ def test_iterative_dual_estimate_is_the_running_mean_of_the_iteration():
 
 
 def test_iterative_dual_cap():
-    m = IterativeDualMultipliers(dual_lr=1.0, update_steps=1, multiplier_max=1.5)
+    m = IterativeDualSolver(dual_lr=1.0, update_steps=1, multiplier_max=1.5)
     _run_outer_iterations(m, [[1.0], [1.0], [1.0]])
     assert m.history == [[0.0], [1.0], [1.5], [1.5]]
 
 
 def test_iterative_dual_warm_start():
-    m = IterativeDualMultipliers(dual_lr=0.5, update_steps=2, multiplier_init=3.0, warm_start=True)
+    m = IterativeDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0, warm_start=True)
     first = torch.tensor([4.0, -1.0])
     # lambda_0 = dual_lr * max(0, C) of the first estimate, already for the first step's weights
     torch.testing.assert_close(m.multipliers(0, 10, first), torch.tensor([2.0, 0.0]))
@@ -356,16 +356,16 @@ def test_iterative_dual_warm_start():
     # the first estimate also counts towards the first iteration's mean [3, -2]: [2, 0] + 0.5 * [3, -2] -> [3.5, 0]
     assert used[2] == [3.5, 0.0]
     assert m.history == [[2.0, 0.0], [3.5, 0.0]]
-    cold = IterativeDualMultipliers(dual_lr=0.5, update_steps=2, multiplier_init=3.0)
+    cold = IterativeDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0)
     torch.testing.assert_close(cold.multipliers(0, 10, first), torch.tensor([3.0, 3.0]))
 
 
 def test_iterative_dual_state_dict_round_trip_mid_iteration():
     kwargs = dict(dual_lr=0.25, update_steps=3, multiplier_init=0.5)
-    m = IterativeDualMultipliers(**kwargs)
+    m = IterativeDualSolver(**kwargs)
     _run_outer_iterations(m, [[1.0, -1.0], [2.0, 0.0], [3.0, 1.0], [4.0, -4.0]])  # one dual step, one step into it
     state = json.loads(json.dumps(m.state_dict()))
-    restored = IterativeDualMultipliers(**kwargs)
+    restored = IterativeDualSolver(**kwargs)
     _run_outer_iterations(restored, [[9.0, 9.0]] * 7)  # stale state (iteration 2), overwritten by the load
     restored.load_state_dict(state)
     assert restored.iteration == m.iteration == 1
@@ -380,8 +380,8 @@ def test_iterative_dual_state_dict_round_trip_mid_iteration():
 
 
 def test_iterative_dual_state_dict_before_any_update():
-    m = IterativeDualMultipliers()
-    restored = IterativeDualMultipliers()
+    m = IterativeDualSolver()
+    restored = IterativeDualSolver()
     restored.update_(torch.tensor([1.0]))
     restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
     assert restored.lam is None and restored.estimate is None and restored.history == []
