@@ -47,10 +47,10 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gro
     """
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from(prompt_mask),
                 use_cache=True, logits_to_keep=1)
-    if out.past_key_values is None:
+    if out.cache is None:
         return None
-    out.past_key_values.batch_repeat_interleave(group_size)
-    return out.past_key_values, out.logits.repeat_interleave(group_size, dim=0)
+    out.cache.batch_repeat_interleave(group_size)
+    return out.cache, out.logits.repeat_interleave(group_size, dim=0)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -92,7 +92,7 @@ def sample_completions(
             do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k if top_k > 0 else None, eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=True,
         )
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache,
                                    generation_config=config)
     finally:
         model.train(was_training)
@@ -144,7 +144,7 @@ def completion_logps(model, completions: Completions) -> torch.Tensor:
     mask = completions.attention_mask
     targets = completions.sequences[:, prompt_length:]
     logits = model(input_ids=targets, attention_mask=mask, position_ids=position_ids_from(mask)[:, prompt_length:],
-                   past_key_values=cache, use_cache=True, logits_to_keep=num_logits).logits
+                   cache=cache, use_cache=True, logits_to_keep=num_logits).logits
     logits = torch.cat([first_logits, logits[:, :-1]], dim=1).float()  # (N, L, V): the logits predicting each token
     logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return length_normalized_logps(logps, completions.completion_mask)
