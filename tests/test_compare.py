@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from l3m.cli import main
-from l3m.experiments.compare import expand_methods, format_table, plan_comparison
+from l3m.experiments.compare import compare_table, expand_methods, plan_comparison
 from l3m.errors import L3MConfigError
 from l3m.training.trainer import objective_step_count
 
@@ -63,8 +63,8 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
                     "length/max/value", "log_ppl_mean", "log_ppl_std"):
             assert key in s, (m["name"], key)
         assert m["train_seconds"] > 0 and m["peak_memory_mb"] > 0
-    assert methods[0]["multiplier_state"] is None  # SFT ignores the constraints
-    assert methods[4]["multiplier_state"]["history"]  # the dual iterates are kept
+    assert methods[0]["solver_state"] is None  # SFT ignores the constraints
+    assert methods[4]["solver_state"]["history"]  # the dual iterates are kept
     assert (tmp_path / "compare" / "compare_length.png").stat().st_size > 0
 
 
@@ -87,7 +87,7 @@ def test_a_failing_method_is_reported_and_the_others_still_run(assets, tmp_path,
     with open(tmp_path / "compare" / "results.json", encoding="utf-8") as f:
         broken, ok = json.load(f)["methods"]
     assert "error" in broken and "error" not in ok and ok["summary"]["num_examples"] == 8
-    assert "FAILED" not in format_table([ok], plan_comparison(["--config", config])[1][1].parsed_constraints)
+    assert "FAILED" not in compare_table([ok], plan_comparison(["--config", config])[1][1].parsed_constraints)
 
 
 @pytest.mark.parametrize("methods, message", [

@@ -11,8 +11,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from l3m.cli import parse_config
-from l3m.config import L3MConfig, load_yaml_config
+from l3m.cli import parse_train_args
+from l3m.config import L3MConfig
+from l3m.parsing import load_yaml_config
 from l3m.constraints import Constraint, parse_constraints
 from l3m.errors import L3MError
 
@@ -75,14 +76,14 @@ FIELDS = st.sampled_from([
 
 @FUZZ
 @given(st.dictionaries(FIELDS, SCALARS | VALUES | st.lists(RECORDS, max_size=2), max_size=4))
-def test_parse_config_raises_only_l3m_errors(values):
+def test_parse_train_args_raises_only_l3m_errors(values):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "run.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump({"output_dir": folder, "use_cpu": True, "report_to": "none", **values}, f,
                            allow_unicode=True)
         try:
-            _, training_args, _, _ = parse_config(["--config", path])
+            _, training_args, _ = parse_train_args(["--config", path])
         except L3MError:
             return
         assert isinstance(training_args, L3MConfig)

@@ -360,12 +360,12 @@ def test_l3m_train_with_a_missing_reward_model_fails_in_one_line(tmp_path, capsy
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "examples", "configs", "reward", "*.yaml"))), ids=os.path.basename)
 def test_example_reward_configs_parse(path):
-    from l3m.cli import parse_config
     from l3m.config import ModelConfig
+    from l3m.parsing import L3MParser
     from l3m.rewards.training import RewardScriptArguments
 
-    script_args, args, model_args, _ = parse_config(["--config", path],
-                                                    types=(RewardScriptArguments, RewardConfig, ModelConfig))
+    script_args, args, model_args = L3MParser((RewardScriptArguments, RewardConfig, ModelConfig)).parse(
+        ["--config", path])
     assert model_args.model_name_or_path == "demo" and script_args.dataset_name.startswith("standin-")
     assert args.reward_type == "lm" and args.load_best_model_at_end and args.output_dir.startswith("outputs/rm_")
     with open(path, encoding="utf-8") as f:
@@ -389,7 +389,8 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
     assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]
     (point,) = results["points"]
     sft = results["runs"][1]["summary"]
-    (offset,) = ExperimentSettings(quick=True).points_offsets()
+    quick = ExperimentSettings(quick=True)
+    offset = (*quick.helpful_offsets, *quick.harmless_offsets)
     assert point == pytest.approx([sft["helpful/mean"] + offset[0], sft["harmless/mean"] + offset[1]], abs=1e-3)
     for run in results["runs"]:
         assert run["summary"]["num_examples"] == 8 and run["summary"]["helpful/mean"] < 0
@@ -399,9 +400,10 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--solvers", "l3m,ppo"], "solvers: expected a comma-separated list of l3m, mm, dual, got 'l3m,ppo'"),
-    (["--offsets", "0.1,0.2,0.3"], "offsets: expected pairs 'dh,ds' separated by ';', got '0.1,0.2,0.3'"),
-    (["--offsets", "0.1,high"], "offsets: expected 'dh,ds;dh,ds;...', got '0.1,high'"),
+    (["--solvers", "l3m", "ppo"], "solvers: expected a list of l3m, mm, dual, got ['l3m', 'ppo']"),
+    (["--helpful_offsets", "0.1", "0.2"], "harmless_offsets: one per constraint point, as helpful_offsets; got "
+                                          "[0.1, 0.2] and [0.3, 0.1, 0.6]"),
+    (["--harmless_offsets", "0.1", "high"], "harmless_offsets (--harmless-offsets): invalid float value: 'high'"),
     (["--helpful_rm", "no/such/../folder"], "helpful_rm.path: no such folder 'no/such/../folder'"),
 ])
 def test_the_fig3_experiment_rejects_bad_settings_before_writing_anything(tmp_path, capsys, flags, message):

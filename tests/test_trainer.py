@@ -60,7 +60,7 @@ def test_length_constraint_is_satisfied_where_sft_is_not(tmp_path):
 
     l3m = _trainer(tmp_path / "l3m", constraints=[Constraint("length_tokens", min=low, max=high, name="length")])
     l3m.train()
-    ema_min, ema_max = l3m.solvers.ema.tolist()  # C = low - E|y| and E|y| - high
+    ema_min, ema_max = l3m.solver.ema.tolist()  # C = low - E|y| and E|y| - high
     assert ema_min <= 0 and ema_max <= 0, f"EMA of the constraint values still violated: {ema_min}, {ema_max}"
     l3m_length = _held_out_mean_length(l3m)
     assert low <= l3m_length <= high

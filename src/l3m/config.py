@@ -6,16 +6,18 @@ YAML keys equal the field names; ``l3m train --config run.yaml --key value`` ove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass, field
 
+import trl
 import yaml
 from transformers import TrainingArguments
 
 from l3m.constraints import parse_constraints
 from l3m.errors import L3MConfigError
+from l3m.solvers import SOLVERS
 
-SOLVERS = ("l3m", "mm", "dual", "sft")
 
 
 @dataclass
@@ -214,23 +216,30 @@ class L3MConfig(TrainingArguments):
         super().__post_init__()
 
     def _check_types(self) -> None:
-        """The fields this class declares hold values of their type (ints may stand for floats); floats are finite."""
-        for f in fields(L3MConfig):
-            if f.name not in L3MConfig.__annotations__ or f.type not in _SCALAR_TYPES:
+        """The scalar fields this class declares hold values of their type (ints may stand for floats, None for an
+        optional field); floats are finite. The types come from the resolved annotations (HfArgumentParser resolves
+        a dataclass's field types in place, so ``Field.type`` may be a string or a type)."""
+        hints = typing.get_type_hints(L3MConfig)
+        for name in L3MConfig.__annotations__:
+            hint, optional = hints[name], False
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                args = [a for a in typing.get_args(hint) if a is not type(None)]
+                hint, optional = (args[0], len(args) < len(typing.get_args(hint))) if len(args) == 1 else (None, False)
+            if hint not in _SCALAR_TYPES:
                 continue
-            value, (expected, description) = getattr(self, f.name), _SCALAR_TYPES[f.type]
-            if value is None and f.type.endswith("| None"):
+            value, (expected, description) = getattr(self, name), _SCALAR_TYPES[hint]
+            if value is None and optional:
                 continue
             if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-                raise L3MConfigError(f"{f.name}: expected {description}, got {value!r}")
+                raise L3MConfigError(f"{name}: expected {description}, got {value!r}")
             if float in expected and not isinstance(value, bool):
-                _check(math.isfinite(value), f.name, f"expected a finite number, got {value!r}")
-                setattr(self, f.name, float(value))
+                _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
+                setattr(self, name, float(value))
 
 
-# the annotations of L3MConfig's scalar fields: accepted Python types, and how an error names them
-_SCALAR_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
-                 "float": ((int, float), "a number"), "float | None": ((int, float), "a number or null")}
+# the scalar field types of L3MConfig: accepted Python values, and how an error names them
+_SCALAR_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"), bool: ((bool,), "true or false"),
+                 float: ((int, float), "a number")}
 
 
 @dataclass
@@ -259,42 +268,38 @@ class ScriptArguments:
 
 
 @dataclass
-class ModelConfig:
-    """Which model to fine-tune, and how (dtype, LoRA through peft)."""
+class EvalArguments:
+    """What ``l3m eval`` evaluates, and where the result goes."""
+
+    model: str | None = field(default=None, metadata={"help": "The folder of a saved model (or LoRA adapter)."})
+    output: str | None = field(
+        default=None, metadata={"help": "Where to write the result JSON; default: eval_results.json in the model's folder."}
+    )
+
+    def __post_init__(self):
+        _check(bool(self.model), "--model", "required (the folder of a saved model)")
+
+
+@dataclass
+class ModelConfig(trl.ModelConfig):
+    """Which model to fine-tune, and how: TRL's model arguments (dtype, LoRA through peft, quantization).
+
+    ``model_name_or_path: demo`` names the embedded SmolLM2-135M-Instruct. Unlike TRL's, LoRA adapts every linear
+    layer unless ``lora_target_modules`` says otherwise, and ``trust_remote_code`` is a model argument (TRL 1.x moved
+    it into each trainer's config).
+    """
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "Modules to adapt: 'all-linear' or a comma-separated list."}
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts: 'all-linear' (every linear layer but the output head) or names, "
+                          "e.g. q_proj v_proj."},
     )
 
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise L3MConfigError(f"{name}: {message}")
-
-
-def load_yaml_config(path: str) -> dict[str, Any]:
-    """Read a run's YAML file into a mapping of field names to values."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError as err:
-        raise L3MConfigError(f"--config: no such file {path!r}") from err
-    except OSError as err:
-        raise L3MConfigError(f"--config: cannot read {path!r} ({err.strerror})") from err
-    except UnicodeDecodeError as err:
-        raise L3MConfigError(f"--config: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                             f"{err.start}); re-save it as UTF-8") from err
-    except yaml.YAMLError as err:
-        raise L3MConfigError(f"--config: {path} is not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise L3MConfigError(f"--config: {path} must hold a mapping of field names to values")
-    return data

@@ -97,3 +97,25 @@ def _std(values: Sequence[float]) -> float:
         return 0.0
     m = _mean(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def evaluate_saved_model(script_args, training_args, model_args, eval_args) -> tuple[dict, str]:
+    """What ``l3m eval`` does: evaluate the model saved in ``eval_args.model`` (full weights or a LoRA adapter) on
+    the test split of ``script_args``' data, under ``training_args``' constraints and sampling settings; the result
+    is written to ``eval_args.output`` (default: ``eval_results.json`` in the model's folder). Returns
+    ``(result, path)``."""
+    import os
+
+    from l3m.data import prepare_dataset
+    from l3m.files import write_json
+    from l3m.loading import load_model_and_tokenizer, load_splits
+
+    splits = load_splits(script_args, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, path=eval_args.model)
+    test = prepare_dataset(splits["test"], tokenizer, training_args.max_length, training_args.seed, "test")
+    result = evaluate_model(model, tokenizer, test, constraints=training_args.parsed_constraints,
+                            max_new_tokens=training_args.max_completion_length,
+                            temperature=training_args.temperature, top_p=training_args.top_p,
+                            batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
+    path = eval_args.output or os.path.join(eval_args.model, "eval_results.json")
+    return result, write_json(path, result)

@@ -44,11 +44,11 @@ def resolve_dataset_name(name: str | None) -> str:
     return name
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, **kwargs):
     """The tokenizer of model ``name`` (resolved), with the EOS token as padding when it has no pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name), **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -68,10 +68,11 @@ def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=Non
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     if auto_class is None and os.path.exists(os.path.join(name, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM as auto_class
+    hub = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
     try:
-        tokenizer = load_tokenizer(name, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = load_tokenizer(name, **hub)
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
-            name, dtype=dtype, trust_remote_code=model_args.trust_remote_code, **model_kwargs)
+            name, dtype=dtype, attn_implementation=model_args.attn_implementation, **hub, **model_kwargs)
     except OSError as err:
         raise L3MConfigError(f"model_name_or_path: cannot load {name!r} ({str(err).splitlines()[0]})") from err
     return model, tokenizer

@@ -18,21 +18,55 @@ The YAML holds the fields of ``l3m train`` (shared by all methods) plus::
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import os
-import re
-import resource
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import yaml
 
 from l3m.errors import L3MConfigError
+from l3m.experiments.runner import format_table, mean_pm, slug, train_and_evaluate
 
 METHOD_KEYS = {"name", "sweep", "match_objective_steps"}
 SHARED_ONLY = {"constraints", "dataset_name", "dataset_config", "dataset_train_split", "dataset_validation_split",
                "dataset_test_split", "validation_size", "test_size", "max_train_samples"}
+
+
+@dataclass
+class CompareArguments:
+    """What ``l3m compare`` adds to the fields of ``l3m train``: the methods, and the evaluation's token cap."""
+
+    methods: list[dict] | str | None = field(
+        default=None,
+        metadata={"help": "The methods to compare, e.g. [{name: L3M, solver: l3m}, {name: MM, solver: mm, sweep: "
+                          "{dual_lr: [0.05, 0.5]}}]: a name, field overrides, optionally a sweep and "
+                          "match_objective_steps. On the command line: a YAML string."},
+    )
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Token cap of the held-out responses; defaults to max_completion_length."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):
+            try:
+                self.methods = yaml.safe_load(self.methods)
+            except yaml.YAMLError as err:
+                raise L3MConfigError(f"methods: not valid YAML ({err})") from err
+
+
+def compare_parser():
+    """The parser of ``l3m compare``: the fields of ``l3m train`` plus :class:`CompareArguments`."""
+    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+    from l3m.parsing import L3MParser
+
+    return L3MParser((ScriptArguments, L3MConfig, ModelConfig, CompareArguments), prog="l3m compare",
+                     description="Train every method of the config's `methods` on the same data, model, constraints "
+                                 "and step budget, evaluate each on the test split, print one table.")
 
 
 @dataclass
@@ -98,50 +132,49 @@ def plan_comparison(argv: list[str]):
     """Parse and validate a compare config (``--config`` plus ``--field value`` flags for the shared fields) and
     build every method's configuration before anything is trained. Returns ``(plans, shared_args, eval_tokens)``:
     ``plans`` are ``(method, training_args, model_args)``; ``shared_args`` the shared ``(script_args,
-    training_args, model_args)``: the data and the constraints are the same for every method."""
-    from l3m.cli import build_configs, parse_config_values
-    from l3m.experiments.demo import slug
+    training_args, model_args)``: the data and the constraints are the same for every method. A method's fields
+    are laid over the shared ones as flags after the user's, so they win."""
+    from l3m.parsing import as_flags
     from l3m.training.trainer import objective_step_count
 
-    values, extras = parse_config_values(argv, extra_keys=("methods", "eval_max_new_tokens"))
-    methods = expand_methods(extras["methods"], set(values))
-    shared = build_configs(values)
+    parser = compare_parser()
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        raise L3MConfigError("--config: required (a compare YAML, e.g. examples/configs/compare.yaml)")
+    *shared, compare_args = parser.parse(argv)
+    settable = {f.name for dtype in parser.dataclass_types[:3] for f in dataclasses.fields(dtype) if f.init}
+    methods = expand_methods(compare_args.methods, settable)
     if not shared[1].parsed_constraints:
         raise L3MConfigError("constraints: a comparison needs at least one constraint (the methods differ in how "
                              "they enforce it)")
-    eval_tokens = extras["eval_max_new_tokens"]
-    try:
-        eval_tokens = shared[1].max_completion_length if eval_tokens is None else int(eval_tokens)
-    except (TypeError, ValueError) as err:
-        raise L3MConfigError(f"eval_max_new_tokens: expected a whole number, got {eval_tokens!r}") from err
+    eval_tokens = compare_args.eval_max_new_tokens or shared[1].max_completion_length
     if eval_tokens < 1:
         raise L3MConfigError(f"eval_max_new_tokens: must be >= 1, got {eval_tokens}")
     plans = []
     for method in methods:
-        merged = {**values, "output_dir": os.path.join(values["output_dir"], slug(method.name)), **method.overrides}
-        if method.match_objective_steps:
-            merged["max_steps"] = objective_step_count(merged["seed"], merged["max_steps"],
-                                                       merged["objective_step_probability"])
+        flags = argv + as_flags({"output_dir": os.path.join(shared[1].output_dir, slug(method.name)),
+                                 **method.overrides})
         try:
-            _, training_args, model_args = build_configs(merged)
+            _, training_args, model_args, _ = compare_parser().parse(flags)
+            if method.match_objective_steps:
+                steps = objective_step_count(training_args.seed, training_args.max_steps,
+                                             training_args.objective_step_probability)
+                _, training_args, model_args, _ = compare_parser().parse(flags + ["--max_steps", str(steps)])
         except L3MConfigError as err:
             raise L3MConfigError(f"methods[{method.name}]: {err}") from err
         plans.append((method, training_args, model_args))
-    return plans, shared, eval_tokens
+    return plans, tuple(shared), eval_tokens
 
 
 def run_comparison(argv: list[str]) -> dict:
     """Train and evaluate every method of the compare config; print the table, write ``results.json`` and one
     figure per constraint into the shared ``output_dir``. Returns the results."""
-    from l3m.cli import _load_splits
     from l3m.files import write_json
+    from l3m.loading import load_splits
 
     plans, (script_args, training_args, model_args), eval_tokens = plan_comparison(argv)
     constraints = training_args.parsed_constraints
-    splits = _load_splits(script_args, training_args.seed)  # the same splits for every method
+    splits = load_splits(script_args, training_args.seed)  # the same splits for every method
     train = splits["train"]
-    if script_args.max_train_samples:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
     output_dir = training_args.output_dir
     os.makedirs(output_dir, exist_ok=True)
     print(f"Comparing {len(plans)} methods on {len(train)} training and {len(splits['test'])} held-out examples; "
@@ -154,8 +187,8 @@ def run_comparison(argv: list[str]) -> dict:
         record = {"name": method.name, "solver": run_args.solver, "overrides": method.overrides,
                   "steps": run_args.max_steps}
         try:
-            record.update(_run_method(run_args, run_model_args, train, splits["test"], constraints, eval_tokens,
-                                      f"Evaluating {method.name}"))
+            record.update(train_and_evaluate(run_args, run_model_args, train, splits["test"],
+                                             eval_max_new_tokens=eval_tokens, description=f"Evaluating {method.name}"))
             summary = record["summary"]
             print(f"{prefix}: trained in {record['train_seconds']:.0f} s; "
                   f"{describe_result(constraints, summary)}; task log-ppl {summary['log_ppl_mean']:.3f}", flush=True)
@@ -168,7 +201,7 @@ def run_comparison(argv: list[str]) -> dict:
         write_json(os.path.join(output_dir, "results.json"), _results(argv, eval_tokens, records))
 
     figures = plot_comparison(records, constraints, output_dir)
-    print("\n" + format_table(records, constraints))
+    print("\n" + compare_table(records, constraints))
     print(f"\nResults: {os.path.join(output_dir, 'results.json')}")
     for figure in figures:
         print(f"Figure:  {figure}")
@@ -178,71 +211,6 @@ def run_comparison(argv: list[str]) -> dict:
 
 def _results(argv: list[str], eval_tokens: int, records: list[dict]) -> dict:
     return {"argv": argv, "eval_max_new_tokens": eval_tokens, "methods": records}
-
-
-def _run_method(args, model_args, train, test, constraints, eval_tokens: int, description: str) -> dict:
-    """Train one method from the initial model and evaluate it on the ``test`` split; returns its part of the
-    result record."""
-    import torch
-
-    from l3m.cli import load_model_and_tokenizer, peft_config_from
-    from l3m.data import prepare_dataset
-    from l3m.evaluation import evaluate_model
-    from l3m.training.trainer import L3MTrainer
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    test = prepare_dataset(test, tokenizer, args.max_length, args.seed, "test")
-    trainer = L3MTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=peft_config_from(model_args))
-    memory = PeakMemory(trainer.model)
-    started = time.time()
-    trainer.train()
-    train_seconds = time.time() - started
-    peak_mb, measure = memory.peak_mb()
-    started = time.time()
-    result = evaluate_model(trainer.model, tokenizer, test, constraints=constraints, max_new_tokens=eval_tokens,
-                            temperature=args.temperature, top_p=args.top_p,
-                            batch_size=args.per_device_eval_batch_size, seed=args.seed, description=description)
-    return {"train_seconds": train_seconds, "eval_seconds": time.time() - started, "peak_memory_mb": peak_mb,
-            "peak_memory_measure": measure, "multiplier_state": trainer.solver.state_dict() if trainer.bounds
-            else None, **result}
-
-
-class PeakMemory:
-    """Peak memory of a run from its start: on a GPU the most memory torch allocated; on CPU the process's peak
-    resident set size, reset at the start where Linux allows it (``/proc/self/clear_refs``), otherwise the peak of
-    the whole process so far (``getrusage``; then a later run never reports less than an earlier one)."""
-
-    def __init__(self, model):
-        import torch
-
-        self.cuda = next(model.parameters()).is_cuda
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.measure = "cuda max allocated"
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets the peak RSS (VmHWM) of this process
-            self.measure = "peak RSS of the run"
-        except OSError:
-            self.measure = "peak RSS of the process"
-
-    def peak_mb(self) -> tuple[float, str]:
-        import torch
-
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20, self.measure
-        if self.measure == "peak RSS of the run":
-            with open("/proc/self/status", encoding="utf-8") as f:
-                match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-            if match:
-                return int(match.group(1)) / 1024, self.measure
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-        return peak / (2**20 if sys.platform == "darwin" else 1024), "peak RSS of the process"
 
 
 def describe_constraints(constraints) -> str:
@@ -261,7 +229,7 @@ def describe_result(constraints, summary: dict) -> str:
                      f"({'satisfied' if summary[f'{c.name}/satisfied'] else 'NOT satisfied'})" for c in constraints)
 
 
-def format_table(records: list[dict], constraints) -> str:
+def compare_table(records: list[dict], constraints) -> str:
     """One row per method: per constraint the mean ± std reward, whether it is satisfied (as its kind defines it)
     and the share of held-out responses inside its range; task log-ppl mean ± std; training time; peak memory."""
     columns = [("method", 28, "<"), ("solver", 6, "<"), ("steps", 5, ">")]
@@ -269,28 +237,24 @@ def format_table(records: list[dict], constraints) -> str:
         columns += [(f"{c.name} mean ± std", 18, ">"), (f"{c.name} ok", max(len(c.name) + 3, 5), ">"),
                     (f"{c.name} in range", max(len(c.name) + 9, 9), ">")]
     columns += [("task log-ppl mean ± std", 24, ">"), ("train s", 7, ">"), ("peak MB", 7, ">")]
-    header = " ".join(f"{title:{align}{width}}" for title, width, align in columns)
-    lines = [f"constraints: {describe_constraints(constraints)}", header, "-" * len(header)]
+    rows, notes = [], []
     for r in records:
         cells = [r["name"], r["solver"], str(r["steps"])]
-        if "error" in r:
-            lines.append(" ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns))
-                         + f"  FAILED: {r['error']}")
-            continue
-        s = r["summary"]
-        for c in constraints:
-            cells += [f"{s[f'{c.name}/mean']:.2f} ± {s[f'{c.name}/std']:.2f}",
-                      "yes" if s[f"{c.name}/satisfied"] else "NO", f"{100 * s[f'{c.name}/inside_frac']:.0f}%"]
-        cells += [f"{s['log_ppl_mean']:.3f} ± {s['log_ppl_std']:.3f}", f"{r['train_seconds']:.0f}",
-                  f"{r['peak_memory_mb']:.0f}"]
-        lines.append(" ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns)))
-    return "\n".join(lines)
+        notes.append(f"FAILED: {r['error']}" if "error" in r else None)
+        if "error" not in r:
+            s = r["summary"]
+            for c in constraints:
+                cells += [mean_pm(s[f"{c.name}/mean"], s[f"{c.name}/std"], 2),
+                          "yes" if s[f"{c.name}/satisfied"] else "NO", f"{100 * s[f'{c.name}/inside_frac']:.0f}%"]
+            cells += [mean_pm(s["log_ppl_mean"], s["log_ppl_std"], 3), f"{r['train_seconds']:.0f}",
+                      f"{r['peak_memory_mb']:.0f}"]
+        rows.append(cells)
+    return f"constraints: {describe_constraints(constraints)}\n" + format_table(columns, rows, notes)
 
 
 def plot_comparison(records: list[dict], constraints, output_dir: str) -> list[str]:
     """One Fig. 2/3 style figure per constraint (``compare_<name>.png``): task log-ppl per method against the
     constraint's mean reward, and box plots of the reward per method with the range (:mod:`l3m.experiments.plots`)."""
-    from l3m.experiments.demo import slug
     from l3m.experiments.plots import LengthResult, plot_length_figure
 
     done = [r for r in records if "error" not in r]

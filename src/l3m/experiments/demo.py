@@ -12,13 +12,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from l3m.assets import demo_data_path, demo_model_path
 from l3m.constraints import Constraint
-from l3m.data import load_task_splits, prepare_dataset
-from l3m.evaluation import evaluate_model
-    from l3m.files import write_json
 from l3m.experiments.plots import LengthResult, plot_length_figure
-
+from l3m.experiments.runner import RunSettings, format_table, mean_pm, train_and_evaluate
+from l3m.files import write_json
 
 
 @dataclass
@@ -39,94 +36,54 @@ class DemoRun:
         return [Constraint(reward="length_tokens", min=self.length_min, max=self.length_max, name="length")]
 
 
+DEMO_RUNS = (
+    DemoRun("initial", max_steps=0),
+    # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps.
+    DemoRun("SFT", match_objective_steps=True),
+    DemoRun("L3M [2, 8]", 2, 8, max_completion_length=24),  # a response of 24+ tokens violates max 8 anyway
+    # Lengthening fights the SFT objective, whose clean gradient outweighs a noisy REINFORCE estimate: with 4
+    # samples per prompt this L3M ended 1 token under its bound, with 8 it recovers and ends inside (README).
+    # 32 tokens leave room above the range's top (a truncated sample violates max 30 anyway).
+    DemoRun("L3M [13, 30]", 13, 30, max_completion_length=32, num_generations=8),
+)
+
+
 @dataclass
-class DemoSettings:
+class DemoSettings(RunSettings):
     """The demo's budget. Chatterbot answers are short (median 11 tokens), so SFT answers short; the ranges sit
     on either side of that."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the runs, results and figure go."})
-    runs: list[DemoRun] = field(default_factory=lambda: [
-        DemoRun("initial", max_steps=0),
-        # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps.
-        DemoRun("SFT", match_objective_steps=True),
-        DemoRun("L3M [2, 8]", 2, 8, max_completion_length=24),  # a response of 24+ tokens violates max 8 anyway
-        # Lengthening fights the SFT objective, whose clean gradient outweighs a noisy REINFORCE estimate: with 4
-        # samples per prompt this L3M ended 1 token under its bound, with 8 it recovers and ends inside (README).
-        # 32 tokens leave room above the range's top (a truncated sample violates max 30 anyway).
-        DemoRun("L3M [13, 30]", 13, 30, max_completion_length=32, num_generations=8),
-    ])
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps of every L3M run."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Prompts or task examples per step."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     num_generations: int = field(default=4, metadata={"help": "Sampled responses per prompt in constraint steps "
                                                                "(the lengthening run uses 8)."})
     max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses in training "
                                                                       "(the L3M runs set their own)."})
-    max_length: int = field(default=128, metadata={"help": "Task examples longer than this are dropped."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
-    # a 40-step run needs a shorter memory than the paper's 0.1 over thousands of steps
-    ema_smoothing: float = field(default=0.5, metadata={"help": "EMA weight of the newest constraint estimate."})
-    test_size: int = field(default=48, metadata={"help": "Held-out prompts every model is evaluated on."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "Token cap of sampled responses in evaluation."})
-    seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
 
 
-def run_demo(settings: DemoSettings) -> list[dict]:
-    """Train and evaluate every run of ``settings``; returns one result record per run and writes them as JSON."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from l3m.config import L3MConfig
-    from l3m.training.trainer import L3MTrainer, objective_step_count
+def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> list[dict]:
+    """Train and evaluate every run; returns one result record per run and writes them as JSON."""
+    from l3m.config import ModelConfig, ScriptArguments
+    from l3m.loading import load_splits
+    from l3m.training.trainer import objective_step_count
 
     started = time.time()
-    model_path = demo_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    splits = load_task_splits(demo_data_path(), test_size=settings.test_size, validation_size=settings.test_size,
-                              seed=settings.seed)
-    test = prepare_dataset(splits["test"], tokenizer, max_length=settings.max_length, seed=settings.seed, name="test")
-    os.makedirs(settings.output_dir, exist_ok=True)
+    splits = load_splits(ScriptArguments(dataset_name="demo", test_size=settings.test_size,
+                                         validation_size=settings.test_size), settings.seed)
     records = []
-    for index, run in enumerate(settings.runs, start=1):
+    for index, run in enumerate(runs, start=1):
         steps = settings.max_steps if run.max_steps is None else run.max_steps
         if run.match_objective_steps:
             steps = objective_step_count(settings.seed, settings.max_steps)
-        print(f"\n[{index}/{len(settings.runs)}] {run.name}: training {steps} steps", flush=True)
-        run_dir = os.path.join(settings.output_dir, slug(run.name))
-        torch.manual_seed(settings.seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        args = L3MConfig(
-            output_dir=run_dir,
-            max_steps=max(steps, 1),
-            per_device_train_batch_size=settings.per_device_train_batch_size,
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type=settings.lr_scheduler_type,
-            num_generations=run.num_generations or settings.num_generations,
-            max_completion_length=run.max_completion_length or settings.max_completion_length,
-            max_length=settings.max_length,
-            mu_final=settings.mu_final,
-            ema_smoothing=settings.ema_smoothing,
-            warmup_steps=0,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=settings.seed,
-        )
-        trainer = L3MTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
-                             constraints=run.constraints())
-        run_started = time.time()
-        if steps > 0:
-            trainer.train()
-            trainer.save_model(run_dir)
-        train_seconds = time.time() - run_started
-        print(f"[{index}/{len(settings.runs)}] {run.name}: evaluating on {len(test)} held-out prompts", flush=True)
-        result = evaluate_model(trainer.model, tokenizer, test, constraints=run.constraints() or _length_probe(),
-                                max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.test_size,
-                                seed=settings.seed, description=f"Evaluating {run.name}")
-        records.append({"run": asdict(run), "steps": steps, "train_seconds": train_seconds, **result})
-        del trainer, model
+        print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
+        args = settings.training_args(run.name, steps, mu_final=settings.mu_final,
+                                      num_generations=run.num_generations or settings.num_generations,
+                                      max_completion_length=run.max_completion_length or settings.max_completion_length)
+        result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
+                                    constraints=run.constraints(), eval_constraints=run.constraints() or _length_probe(),
+                                    eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
+                                    description=f"Evaluating {run.name}")
+        records.append({"run": asdict(run), "steps": steps, **result})
 
     results_path = write_json(os.path.join(settings.output_dir, "results.json"),
                               {"settings": asdict(settings), "runs": records})
@@ -135,7 +92,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
                      (r["run"]["length_min"], r["run"]["length_max"]))
         for r in records
     ], os.path.join(settings.output_dir, "fig2_lengths.png"))
-    print("\n" + format_table(records))
+    print("\n" + demo_table(records))
     print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
     return records
 
@@ -145,27 +102,22 @@ def _length_probe() -> list[Constraint]:
     return [Constraint(reward="length_tokens", min=0, name="length")]
 
 
-def format_table(records: list[dict]) -> str:
+def demo_table(records: list[dict]) -> str:
     """The demo's table: one row per model, as in Fig. 2 of the paper."""
-    header = (f"{'model':<16} {'steps':>5} {'range':>10} {'length mean ± std':>18} {'mean in range':>14} "
-              f"{'samples in range':>17} {'task log-ppl mean ± std':>24} {'train s':>8}")
-    lines = [header, "-" * len(header)]
+    columns = [("model", 16, "<"), ("steps", 5, ">"), ("range", 10, ">"), ("length mean ± std", 18, ">"),
+               ("mean in range", 14, ">"), ("samples in range", 17, ">"), ("task log-ppl mean ± std", 24, ">"),
+               ("train s", 8, ">")]
+    rows = []
     for r in records:
         s, run = r["summary"], r["run"]
         constrained = run["length_min"] is not None or run["length_max"] is not None
         span = f"[{_fmt(run['length_min'])}, {_fmt(run['length_max'])}]" if constrained else "-"
         in_range = ("yes" if s["length/satisfied"] else "NO") if constrained else "-"
         inside = f"{100 * s['length/inside_frac']:.0f}%" if constrained else "-"
-        lines.append(f"{run['name']:<16} {r['steps']:>5} {span:>10} {s['length_mean']:>9.1f} ± {s['length_std']:<6.1f} "
-                     f"{in_range:>14} {inside:>17} {s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} "
-                     f"{r['train_seconds']:>8.0f}")
-    return "\n".join(lines)
+        rows.append([run["name"], str(r["steps"]), span, mean_pm(s["length_mean"], s["length_std"], 1), in_range,
+                     inside, mean_pm(s["log_ppl_mean"], s["log_ppl_std"], 3), f"{r['train_seconds']:.0f}"])
+    return format_table(columns, rows)
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
-
-
-def slug(name: str) -> str:
-    """A folder name for a run's name: lower case, every other character than letters and digits an underscore."""
-    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")

@@ -17,19 +17,22 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
-from l3m.experiments.demo import slug
 from l3m.errors import L3MConfigError
+from l3m.experiments.runner import RunSettings, format_table, mean_pm, train_and_evaluate
+from l3m.files import write_json
 
 NAMES = ("helpful", "harmless")
 CONSTRAINED_SOLVERS = ("l3m", "mm", "dual")
 
 
 @dataclass
-class ExperimentSettings:
+class ExperimentSettings(RunSettings):
     """The experiment's budget; ``quick`` shrinks it to a smoke run (one point, a few steps and prompts)."""
 
     output_dir: str = field(default="outputs/hh", metadata={"help": "Where results.json, the table's runs and "
                                                                     "fig3_rewards.png go."})
+    max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Token cap of sampled responses in evaluation."})
     helpful_rm: str = field(default="outputs/rm_helpful", metadata={"help": "The 'helpful' reward model (a folder "
                                                                            "saved by `l3m reward train`)."})
     harmless_rm: str = field(default="outputs/rm_harmless", metadata={"help": "The 'harmless' reward model."})
@@ -37,126 +40,78 @@ class ExperimentSettings:
     dataset_name: str = field(default="demo", metadata={"help": "The task data; 'demo': the embedded chatterbot data."})
     # SFT lowers both rewards (on the stand-in, by 0.7 and 1.5 nats per token): the initial model meets every point
     # below that gap, so all default points are feasible
-    offsets: str = field(default="0.1,0.3;0.3,0.1;0.3,0.6", metadata={
-        "help": "Constraint points as offsets 'helpful,harmless' from SFT's held-out mean rewards, ';'-separated."})
-    solvers: str = field(default="l3m,mm", metadata={"help": "Constrained solvers run at every point."})
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps of every constrained run."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Prompts or task examples per step."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
-    num_generations: int = field(default=4, metadata={"help": "Sampled responses per prompt in constraint steps."})
-    max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
-    max_length: int = field(default=128, metadata={"help": "Task examples longer than this are dropped."})
-    ema_smoothing: float = field(default=0.5, metadata={"help": "EMA weight of the newest constraint estimate."})
+    helpful_offsets: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.3], metadata={
+        "help": "Constraint points: offsets of the 'helpful' bound from SFT's held-out mean reward, one per point."})
+    harmless_offsets: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.6], metadata={
+        "help": "Offsets of the 'harmless' bound from SFT's held-out mean reward, one per point."})
+    solvers: list[str] = field(default_factory=lambda: ["l3m", "mm"], metadata={
+        "help": "Constrained solvers run at every point."})
     dual_lr: float = field(default=1.0, metadata={
         "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
-    test_size: int = field(default=48, metadata={"help": "Held-out prompts every model is evaluated on."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "Token cap of sampled responses in evaluation."})
-    seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
 
     def __post_init__(self):
-        self.solver_names()  # an unknown solver stops the command before anything is trained
+        # bad settings stop the command before anything is trained
+        if not self.solvers or any(name not in CONSTRAINED_SOLVERS for name in self.solvers):
+            raise L3MConfigError(f"solvers: expected a list of {', '.join(CONSTRAINED_SOLVERS)}, got {self.solvers!r}")
+        if not self.helpful_offsets or len(self.helpful_offsets) != len(self.harmless_offsets):
+            raise L3MConfigError(f"harmless_offsets: one per constraint point, as helpful_offsets; got "
+                                 f"{self.helpful_offsets!r} and {self.harmless_offsets!r}")
         if self.quick:
             self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
-            self.offsets = self.offsets.split(";")[0]
-
-    def solver_names(self) -> list[str]:
-        names = [name.strip() for name in self.solvers.split(",")]
-        if not all(name in CONSTRAINED_SOLVERS for name in names):
-            raise L3MConfigError(f"solvers: expected a comma-separated list of {', '.join(CONSTRAINED_SOLVERS)}, "
-                                 f"got {self.solvers!r}")
-        return names
-
-    def points_offsets(self) -> list[tuple[float, float]]:
-        try:
-            points = [tuple(float(v) for v in p.split(",")) for p in self.offsets.split(";") if p.strip()]
-        except ValueError as err:
-            raise L3MConfigError(f"offsets: expected 'dh,ds;dh,ds;...', got {self.offsets!r}") from err
-        if not points or any(len(p) != 2 for p in points):
-            raise L3MConfigError(f"offsets: expected pairs 'dh,ds' separated by ';', got {self.offsets!r}")
-        return points
+            self.helpful_offsets, self.harmless_offsets = self.helpful_offsets[:1], self.harmless_offsets[:1]
 
 
 def run_experiment(settings: ExperimentSettings) -> list[dict]:
     """Train and evaluate every model; returns one record per model and writes results, table and figure."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from l3m.assets import demo_data_path, demo_model_path
-    from l3m.config import L3MConfig
-    from l3m.data import load_task_splits, prepare_dataset
-    from l3m.evaluation import evaluate_model
-    from l3m.files import write_json
+    from l3m.config import ModelConfig, ScriptArguments
     from l3m.experiments.plots import RewardPairResult, plot_reward_pair_figure
+    from l3m.loading import load_splits
     from l3m.rewards.models import ModelReward
-    from l3m.training.trainer import L3MTrainer, objective_step_count
+    from l3m.training.trainer import objective_step_count
 
     started = time.time()
-    offsets = settings.points_offsets()
-    solvers = settings.solver_names()
     rewards = {name: ModelReward(path, field=f"{name}_rm")
                for name, path in zip(NAMES, (settings.helpful_rm, settings.harmless_rm))}
-    model_path = demo_model_path() if settings.model_name_or_path == "demo" else settings.model_name_or_path
-    data_path = demo_data_path() if settings.dataset_name == "demo" else settings.dataset_name
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    splits = load_task_splits(data_path, test_size=settings.test_size, validation_size=settings.test_size,
-                              seed=settings.seed)
-    test = prepare_dataset(splits["test"], tokenizer, max_length=settings.max_length, seed=settings.seed, name="test")
-    os.makedirs(settings.output_dir, exist_ok=True)
+    model_args = ModelConfig(model_name_or_path=settings.model_name_or_path)
+    splits = load_splits(ScriptArguments(dataset_name=settings.dataset_name, test_size=settings.test_size,
+                                         validation_size=settings.test_size), settings.seed)
     objective_steps = objective_step_count(settings.seed, settings.max_steps)
+    num_runs = 2 + len(settings.helpful_offsets) * len(settings.solvers)
 
     def constraints(point):
         # unconstrained models are still scored by both rewards (a bound every reward satisfies)
         return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name)
                 for i, name in enumerate(NAMES)]
 
-    def train_and_evaluate(label: str, method: str, solver: str, steps: int, point) -> dict:
-        print(f"\n{label}: training {steps} steps", flush=True)
-        run_dir = os.path.join(settings.output_dir, slug(label))
-        torch.manual_seed(settings.seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        args = L3MConfig(output_dir=run_dir, max_steps=max(steps, 1), solver=solver,
-                         per_device_train_batch_size=settings.per_device_train_batch_size,
-                         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-                         num_generations=settings.num_generations,
-                         max_completion_length=settings.max_completion_length, max_length=settings.max_length,
-                         ema_smoothing=settings.ema_smoothing, dual_lr=settings.dual_lr, warmup_steps=0,
-                         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=settings.seed)
-        trainer = L3MTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
-                             constraints=constraints(point) if point is not None else [])
-        run_started = time.time()
-        if steps > 0:
-            trainer.train()
-        train_seconds = time.time() - run_started
-        result = evaluate_model(trainer.model, tokenizer, test, constraints=constraints(point),
-                                max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.test_size,
-                                seed=settings.seed, description=f"Evaluating {label}")
-        summary = result["summary"]
-        record = {"label": label, "method": method, "solver": solver, "steps": steps, "constraint": point,
-                  "train_seconds": train_seconds, "summary": summary,
-                  "satisfied": None if point is None else all(summary[f"{n}/satisfied"] for n in NAMES),
-                  "samples": result["samples"][:8]}
-        print(format_table([record]).splitlines()[-1], flush=True)
-        return record
-
     results_path = os.path.join(settings.output_dir, "results.json")
     records, points = [], []
 
-    def run(*spec) -> None:
+    def run(label: str, method: str, solver: str, steps: int, point) -> None:
+        print(f"\n{label}: training {steps} steps", flush=True)
+        args = settings.training_args(label, steps, solver=solver, dual_lr=settings.dual_lr)
+        result = train_and_evaluate(args, model_args, splits["train"], splits["test"],
+                                    constraints=constraints(point) if point is not None else [],
+                                    eval_constraints=constraints(point), train=steps > 0,
+                                    eval_max_new_tokens=settings.eval_max_new_tokens,
+                                    description=f"Evaluating {label}")
+        summary = result["summary"]
+        records.append({"label": label, "method": method, "solver": solver, "steps": steps, "constraint": point,
+                        "train_seconds": result["train_seconds"], "summary": summary,
+                        "satisfied": None if point is None else all(summary[f"{n}/satisfied"] for n in NAMES),
+                        "samples": result["samples"][:8]})
+        print(hh_table(records[-1:]).splitlines()[-1], flush=True)
         # results.json is rewritten after every model, so a stopped experiment keeps the models it finished
-        records.append(train_and_evaluate(*spec))
         write_json(results_path, {"settings": asdict(settings), "points": points, "runs": records,
-                                  "complete": len(records) == 2 + len(offsets) * len(solvers)})
+                                  "complete": len(records) == num_runs})
 
     run("initial", "initial", "sft", 0, None)
     run("SFT", "SFT", "sft", objective_steps, None)
     sft = records[1]["summary"]
-    points += [(round(sft["helpful/mean"] + dh, 3), round(sft["harmless/mean"] + ds, 3)) for dh, ds in offsets]
+    points += [(round(sft["helpful/mean"] + dh, 3), round(sft["harmless/mean"] + ds, 3))
+               for dh, ds in zip(settings.helpful_offsets, settings.harmless_offsets)]
     for point in points:
-        for solver in solvers:
+        for solver in settings.solvers:
             method = solver.upper()
             run(f"{method} ({point[0]:g}, {point[1]:g})", method, solver, settings.max_steps, point)
 
@@ -165,22 +120,23 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
                          r["summary"]["log_ppl_mean"], r["summary"]["log_ppl_std"],
                          None if r["constraint"] is None else tuple(r["constraint"]))
         for r in records], os.path.join(settings.output_dir, "fig3_rewards.png"))
-    print("\n" + format_table(records))
+    print("\n" + hh_table(records))
     print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
     return records
 
 
-def format_table(records: list[dict]) -> str:
+def hh_table(records: list[dict]) -> str:
     """One row per model: constraint point, mean rewards ± standard error over the held-out prompts, whether each
     constraint's mean is met (helpful/harmless), task log-ppl, training time."""
-    header = (f"{'model':<26} {'steps':>5} {'helpful mean ± s.e.':>20} {'harmless mean ± s.e.':>21} "
-              f"{'satisfied':>9} {'task log-ppl mean ± std':>24} {'train s':>8}")
-    lines = [header, "-" * len(header)]
+    columns = [("model", 26, "<"), ("steps", 5, ">"), ("helpful mean ± s.e.", 20, ">"),
+               ("harmless mean ± s.e.", 21, ">"), ("satisfied", 9, ">"), ("task log-ppl mean ± std", 24, ">"),
+               ("train s", 8, ">")]
+    rows = []
     for r in records:
         s = r["summary"]
-        rewards = [f"{s[f'{n}/mean']:.3f} ± {s[f'{n}/std'] / math.sqrt(s['num_examples']):.3f}" for n in NAMES]
+        rewards = [mean_pm(s[f"{n}/mean"], s[f"{n}/std"] / math.sqrt(s["num_examples"]), 3) for n in NAMES]
         satisfied = "-" if r["satisfied"] is None else "/".join(
             "yes" if s[f"{n}/satisfied"] else "NO" for n in NAMES)
-        lines.append(f"{r['label']:<26} {r['steps']:>5} {rewards[0]:>20} {rewards[1]:>21} {satisfied:>9} "
-                     f"{s['log_ppl_mean']:>15.3f} ± {s['log_ppl_std']:<6.3f} {r['train_seconds']:>8.0f}")
-    return "\n".join(lines)
+        rows.append([r["label"], str(r["steps"]), *rewards, satisfied, mean_pm(s["log_ppl_mean"], s["log_ppl_std"], 3),
+                     f"{r['train_seconds']:.0f}"])
+    return format_table(columns, rows)

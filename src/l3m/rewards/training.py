@@ -188,30 +188,10 @@ def train_reward_model(script_args: RewardScriptArguments, args: RewardConfig, m
     pairwise accuracy before and after on the test split, and save with ``l3m_reward.json``."""
     from transformers import AutoModelForSequenceClassification
 
-    from l3m.cli import load_model_and_tokenizer
-    from l3m.data import load_task_splits
+    from l3m.loading import load_model_and_tokenizer, load_splits
     from l3m.rewards.preference import check_preference_columns
 
-    name = script_args.dataset_name
-    if not name:
-        raise L3MConfigError("dataset_name: required (a hub dataset, a local .json/.jsonl/.parquet file, or "
-                             "standin-helpful / standin-harmless)")
-    if name.startswith("standin-"):
-        from l3m.rewards.standin import PREFERENCES, build_standin
-
-        preference = name.removeprefix("standin-")
-        if preference not in PREFERENCES:
-            raise L3MConfigError(f"dataset_name: the stand-in has {', '.join('standin-' + p for p in PREFERENCES)}, "
-                                 f"not {name!r}")
-        name = build_standin()[preference]
-    splits = load_task_splits(name, script_args.dataset_config, (script_args.dataset_train_split,
-                              script_args.dataset_validation_split, script_args.dataset_test_split),
-                              script_args.validation_size, script_args.test_size, args.seed,
-                              data_dir=script_args.dataset_data_dir)
-    for split_name, split in splits.items():
-        check_preference_columns(split, split_name)  # data errors surface before a slow model load
-    if script_args.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(script_args.max_train_samples, len(splits["train"]))))
+    splits = load_splits(script_args, args.seed, check=check_preference_columns)  # before a slow model load
     extra = {"num_labels": 1} if args.reward_type == "seqcls" else {}
     model, tokenizer = load_model_and_tokenizer(
         model_args, auto_class=AutoModelForSequenceClassification if args.reward_type == "seqcls" else None, **extra)
