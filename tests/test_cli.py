@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from l3m.cli import main, parse_train_args
+from l3m.files import write_jsonl
 from l3m.experiments.compare import plan_comparison
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,13 +144,6 @@ def _assert_one_line_error(capsys, output_dir, code, prefix, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def _write_rows(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
 @pytest.mark.parametrize(
     "case, prefix, fragments",
     [
@@ -169,9 +163,9 @@ def test_bad_config_is_one_line_error_and_writes_nothing(assets, tmp_path, capsy
         "unknown_reward": {"constraints": [{"name": "length", "reward": "no_such_reward", "max": 5}]},
         "min_above_max": {"constraints": [{"name": "length", "reward": "length_tokens", "min": 9, "max": 3}]},
         "mu_final_not_below_mu_init": {"mu_init": 0.5, "mu_final": 0.5},
-        "empty_dataset": {"dataset_name": _write_rows(tmp_path / "nothing.jsonl", [])},
+        "empty_dataset": {"dataset_name": write_jsonl(tmp_path / "nothing.jsonl", [])},
         "dataset_without_columns": {
-            "dataset_name": _write_rows(tmp_path / "text.jsonl", [{"text": f"w{i} w{i + 1}"} for i in range(40)])},
+            "dataset_name": write_jsonl(tmp_path / "text.jsonl", [{"text": f"w{i} w{i + 1}"} for i in range(40)])},
         "model_folder_missing": {"model_name_or_path": str(tmp_path / "no-such-model")},
     }[case]
     config = _write_yaml(tmp_path / "bad.yaml", _values(assets, output_dir, **overrides))

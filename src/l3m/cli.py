@@ -1,8 +1,7 @@
 """The ``l3m`` command: parse the arguments of a command, then make one library call.
 
-Every command reads ``--config file.yaml`` (keys are the fields listed by ``l3m <command> --help``) and ``--field
-value`` flags that override the file, through one parser (:class:`l3m.parsing.L3MParser`, TRL's ``TrlParser``).
-Bad input ends with one line naming the field and exit code 2.
+Every command reads ``--config file.yaml`` (the fields of ``l3m <command> --help``) and ``--field value`` overrides
+through one parser (:class:`l3m.parsing.L3MParser`); bad input ends with one line naming the field, exit code 2.
 """
 
 from __future__ import annotations
@@ -21,15 +20,12 @@ def _parse(types: tuple, argv: list[str], prog: str, description: str) -> tuple:
     return L3MParser(types, prog=prog, description=description).parse(argv)
 
 
-def _train_types() -> tuple:
+def parse_train_args(argv: list[str], *extra_types, prog: str = "l3m train",
+                     description: str = "Fine-tune a model under reward constraints (L3M).") -> tuple:
+    """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``)."""
     from l3m.config import L3MConfig, ModelConfig, ScriptArguments
 
-    return ScriptArguments, L3MConfig, ModelConfig
-
-
-def parse_train_args(argv: list[str]) -> tuple:
-    """``(script_args, training_args, model_args)`` of ``l3m train``'s arguments."""
-    return _parse(_train_types(), argv, "l3m train", "Fine-tune a model under reward constraints (L3M).")
+    return _parse((ScriptArguments, L3MConfig, ModelConfig, *extra_types), argv, prog, description)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -43,8 +39,8 @@ def cmd_eval(argv: list[str]) -> int:
     from l3m.config import EvalArguments
     from l3m.evaluation import evaluate_saved_model
 
-    *args, eval_args = _parse((*_train_types(), EvalArguments), argv, "l3m eval",
-                              "Task log-perplexity and constraint rewards of a saved model on the test split.")
+    *args, eval_args = parse_train_args(argv, EvalArguments, prog="l3m eval", description="Task log-perplexity and "
+                                        "constraint rewards of a saved model on the test split.")
     result, path = evaluate_saved_model(*args, eval_args)
     print(json.dumps(result["summary"], indent=2))
     print(f"Wrote {path}")

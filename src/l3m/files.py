@@ -44,11 +44,11 @@ def write_json(path: str, data) -> str:
     """Write ``data`` as indented JSON to ``path`` atomically; returns ``path``."""
     with atomic_path(path) as staging, open(staging, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
-    return path
+    return os.fspath(path)
 
 
 def write_jsonl(path: str, rows) -> str:
     """Write one JSON record per line to ``path`` atomically; returns ``path``."""
     with atomic_path(path) as staging, open(staging, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    return path
+    return os.fspath(path)
