@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from l3m.cli import main, parse_train_args
+from l3m.errors import L3MConfigError
 from l3m.files import write_jsonl
 from l3m.experiments.compare import plan_comparison
 
@@ -224,3 +225,25 @@ def test_example_config_parses(path):
     assert training_args.max_steps > 0 and training_args.output_dir
     with open(path, encoding="utf-8") as f:
         assert f.readline().startswith("# Launch:")  # the launch command comes first
+
+
+@pytest.mark.parametrize("settings", ["l3m.experiments.demo:DemoSettings", "l3m.rewards.standin:StandinSettings",
+                                      "l3m.experiments.hh:ExperimentSettings"])
+def test_settings_commands_take_a_yaml_config_and_flags(settings, tmp_path):
+    """The settings of demo, build-standin and the reward experiment come from --config YAML and --field flags
+    through the same parser as `l3m train`: flags win, lists are YAML lists."""
+    import importlib
+
+    from l3m.parsing import L3MParser
+
+    module, name = settings.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    values = {"seed": 3, "max_new_tokens" if name == "StandinSettings" else "max_steps": 7}
+    if name == "ExperimentSettings":
+        values.update(solvers=["mm", "dual"], helpful_offsets=[0.5], harmless_offsets=[0.25])
+    config = _write_yaml(tmp_path / "settings.yaml", values)
+    (parsed,) = L3MParser((cls,)).parse(["--config", config, "--seed", "5"])
+    assert parsed.seed == 5  # the flag overrides the file
+    assert {k: getattr(parsed, k) for k in values if k != "seed"} == {k: v for k, v in values.items() if k != "seed"}
+    with pytest.raises(L3MConfigError, match="seed: expected an integer, got 1.5"):
+        L3MParser((cls,)).parse(["--config", _write_yaml(tmp_path / "bad.yaml", {"seed": 1.5})])

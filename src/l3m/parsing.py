@@ -41,12 +41,13 @@ class L3MParser(TrlParser):
 
     def parse(self, argv: list[str]) -> tuple:
         """The dataclasses of ``argv`` (``--config file.yaml`` plus ``--field value`` flags), one per type."""
-        config = load_yaml_config(argv[argv.index("--config") + 1]) if "--config" in argv else {}
-        known = {action.dest for action in self._actions}
-        unknown = sorted(set(config) - known - {"env"})
+        path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+        if path is None and "--config" in argv:
+            raise L3MConfigError("--config: expected the path of a YAML file")
+        config = load_yaml_config(path) if path else {}
+        unknown = sorted(set(config) - {action.dest for action in self._actions} - {"env"})  # env: TRL's env vars
         if unknown:
-            raise L3MConfigError(f"--config: unknown field(s) {unknown} in {argv[argv.index('--config') + 1]}; "
-                                 f"see `{self.prog} --help`")
+            raise L3MConfigError(f"--config: unknown field(s) {unknown} in {path}; see `{self.prog} --help`")
         try:
             *configs, _, remaining = self.parse_args_and_config(argv, return_remaining_strings=True,
                                                                 separate_remaining_strings=True)
