@@ -4,9 +4,9 @@
   gradients are dropped before the optimizer sees them, so neither the weights nor the optimizer state nor the
   solver state move; the step still counts (the coin, μ and the learning-rate schedule follow the step number).
   Skips are counted (``train/skipped_steps``); ``max_consecutive_skipped_steps`` skips in a row stop the run.
-- :class:`InfeasibilityMonitor`: a constraint whose smoothed value ``C_i`` stays ``> 0`` (violated, so the log
-  barrier holds its multiplier at the cap ``1/(kμ)``, Sec. 5.2) for ``infeasibility_patience`` constraint steps in
-  a row may be infeasible for this model and data; it is named in a warning and in the end-of-training summary.
+- :class:`InfeasibilityMonitor`: a constraint whose per-step estimate of ``C_i`` stays ``> 0`` (violated; the log
+  barrier then holds its multiplier at the cap ``1/(kμ)``, Sec. 5.2) for ``infeasibility_patience`` constraint steps
+  in a row may be infeasible for this model and data; it is named in a warning and in the end-of-training summary.
 """
 
 from __future__ import annotations
@@ -80,55 +80,85 @@ class NonFiniteGuard:
         self.last_reason = state["last_reason"]
 
 
-def describe_bound(bound: Bound, value: float) -> tuple[float, str]:
-    """The mean reward behind a constraint value ``C = threshold - sign * E[r]``, and the bound's target as text."""
-    reward = bound.sign * (bound.threshold - value)
-    target = f">= {bound.threshold:g}" if bound.sign > 0 else f"<= {-bound.threshold:g}"
-    return reward, target
+def describe_bound(bound: Bound, value: float) -> str:
+    """A constraint value ``C`` (``<= 0`` satisfied) in the words of its kind, with the bound's target.
+
+    expectation: ``C = b - E[r]`` (for a ``max``: ``E[r] - max``) -> the mean reward; chance:
+    ``C = (1 - epsilon) - P[meets]`` -> the fraction of responses meeting the bound; uniform:
+    ``C = E[max(0, shortfall)] - delta`` -> the mean shortfall.
+
+    >>> from l3m.constraints import Constraint
+    >>> describe_bound(Constraint("length_tokens", max=8).bounds()[0], 2.0)
+    'mean reward 10, target <= 8'
+    >>> describe_bound(Constraint("length_tokens", min=3, kind="chance", epsilon=0.1).bounds()[0], 0.3)
+    'fraction meeting >= 3: 0.6, target >= 0.9'
+    >>> describe_bound(Constraint("length_tokens", min=3, kind="uniform").bounds()[0], 0.5)
+    'mean shortfall below 3: 0.5, target <= 0'
+    """
+    c = bound.constraint
+    side = f">= {bound.threshold:g}" if bound.sign > 0 else f"<= {-bound.threshold:g}"
+    if c.kind == "chance":
+        return f"fraction meeting {side}: {(1 - c.epsilon) - value:.4g}, target >= {1 - c.epsilon:g}"
+    if c.kind == "uniform":
+        direction = "below" if bound.sign > 0 else "above"
+        return f"mean shortfall {direction} {abs(bound.threshold):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
+    return f"mean reward {bound.sign * (bound.threshold - value):.4g}, target {side}"
 
 
 class InfeasibilityMonitor:
-    """Tracks, per one-sided constraint, how many constraint steps in a row its smoothed value has been violated."""
+    """Tracks, per one-sided constraint, how many constraint steps in a row it has been violated.
+
+    A step counts as violated when that step's own estimate of ``C`` is ``> 0``, not the solver's smoothed value:
+    an EMA of non-negative terms (a ``uniform`` constraint with ``delta = 0``) stays above 0 for hundreds of steps
+    after a single failing response, although every later response passes. The summary reports the last step's
+    estimate and the smoothed one.
+    """
 
     def __init__(self, bounds: Sequence[Bound], patience: int):
         self.bounds = list(bounds)
         self.patience = patience
         self.violated_steps = [0] * len(self.bounds)
-        self.last_values: list[float] | None = None
+        self.last_values: list[float] | None = None  # the smoothed estimate after the last constraint step
+        self.last_estimates: list[float] | None = None  # the last constraint step's own estimate
         self.last_multipliers: list[float] | None = None
 
-    def observe(self, step: int, values: torch.Tensor, multipliers: torch.Tensor) -> None:
-        """Record one constraint step's smoothed values ``(K,)`` and the multipliers it used ``(K,)``."""
+    def observe(self, step: int, values: torch.Tensor, multipliers: torch.Tensor,
+                estimates: torch.Tensor | None = None) -> None:
+        """Record one constraint step: the smoothed values ``(K,)``, the multipliers it used ``(K,)`` and its own
+        estimate ``(K,)`` (the smoothed values when not given)."""
         self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
+        self.last_estimates = self.last_values if estimates is None else estimates.tolist()
         for i, bound in enumerate(self.bounds):
-            self.violated_steps[i] = self.violated_steps[i] + 1 if self.last_values[i] > 0 else 0
+            self.violated_steps[i] = self.violated_steps[i] + 1 if self.last_estimates[i] > 0 else 0
             if self.violated_steps[i] == self.patience:
                 logger.warning("Constraint %s may be infeasible: %s", bound.name, self._describe(i) +
                                f" (step {step}); check its target, or give the run more steps")
 
     def _describe(self, i: int) -> str:
-        reward, target = describe_bound(self.bounds[i], self.last_values[i])
-        return (f"mean reward {reward:.4g}, target {target}, still violated after {self.violated_steps[i]} "
-                f"constraint steps in a row with multiplier {self.last_multipliers[i]:.4g}")
+        return (f"{describe_bound(self.bounds[i], self.last_estimates[i])}, still violated after "
+                f"{self.violated_steps[i]} constraint steps in a row with multiplier {self.last_multipliers[i]:.4g}")
 
     def summary(self) -> list[str]:
-        """One line per constraint: its last smoothed mean reward and target, and whether it looks infeasible."""
+        """One line per constraint: whether its last constraint step met it (or it looks infeasible), that step's
+        estimate and the smoothed one, in the words of its kind."""
         if self.last_values is None:
             return []
         lines = []
         for i, bound in enumerate(self.bounds):
-            reward, target = describe_bound(bound, self.last_values[i])
+            smoothed = f" (smoothed: {describe_bound(bound, self.last_values[i]).split(', target')[0]})"
             if self.violated_steps[i] >= self.patience:
-                lines.append(f"{bound.name}: POSSIBLY INFEASIBLE: {self._describe(i)}")
+                lines.append(f"{bound.name}: POSSIBLY INFEASIBLE: {self._describe(i)}{smoothed}")
             else:
-                status = "satisfied" if self.last_values[i] <= 0 else "violated"
-                lines.append(f"{bound.name}: {status}: mean reward {reward:.4g}, target {target}")
+                status = "satisfied" if self.last_estimates[i] <= 0 else "violated"
+                lines.append(f"{bound.name}: {status} at the last constraint step: "
+                             f"{describe_bound(bound, self.last_estimates[i])}{smoothed}")
         return lines
 
     def state_dict(self) -> dict:
         return {"violated_steps": list(self.violated_steps), "last_values": self.last_values,
-                "last_multipliers": self.last_multipliers}
+                "last_estimates": self.last_estimates, "last_multipliers": self.last_multipliers}
 
     def load_state_dict(self, state: dict) -> None:
         self.violated_steps = [int(n) for n in state["violated_steps"]]
         self.last_values, self.last_multipliers = state["last_values"], state["last_multipliers"]
+        self.last_estimates = state.get("last_estimates", self.last_values)  # checkpoints from before it was kept

@@ -1,0 +1,70 @@
+"""The infeasibility diagnosis in the words of each constraint kind, and without false alarms from an EMA of
+non-negative terms."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from l3m.constraints import Constraint
+from l3m.training.guards import InfeasibilityMonitor, describe_bound
+
+
+def _uniform_monitor(patience: int = 3):
+    bounds = Constraint("length_tokens", min=3, kind="uniform", name="every").bounds()
+    return bounds, InfeasibilityMonitor(bounds, patience)
+
+
+def test_a_uniform_constraint_whose_recent_samples_all_pass_is_not_reported(caplog):
+    """delta = 0: one failing response puts a positive term into the EMA that decays but never reaches 0; the
+    steps after it have every response meeting the bound (estimate 0), so nothing is infeasible or violated."""
+    bounds, monitor = _uniform_monitor()
+    ema, smoothing = None, 0.1
+    with caplog.at_level(logging.WARNING, logger="l3m"):
+        for step, estimate in enumerate([2.0] + [0.0] * 10):
+            values = bounds[0].values(torch.tensor([3.0 - estimate, 5.0, 4.0, 3.0]))  # one short response, then none
+            step_estimate = values.mean().reshape(1) if step == 0 else torch.zeros(1)
+            ema = step_estimate if ema is None else (1 - smoothing) * ema + smoothing * step_estimate
+            monitor.observe(step, ema, torch.ones(1), estimates=step_estimate)
+    assert ema.item() > 0  # the smoothed value still reads "violated"
+    assert not caplog.records
+    (line,) = monitor.summary()
+    assert line.startswith("every: satisfied at the last constraint step: mean shortfall below 3: 0, target <= 0")
+
+
+def test_the_same_run_judged_by_the_ema_cries_wolf(caplog):
+    """What the monitor did before it kept the step estimates: the EMA alone flags the satisfied constraint."""
+    bounds, monitor = _uniform_monitor()
+    ema = torch.tensor([0.5])
+    with caplog.at_level(logging.WARNING, logger="l3m"):
+        for step in range(4):
+            ema = 0.9 * ema
+            monitor.observe(step, ema, torch.ones(1))
+    assert "Constraint every may be infeasible" in caplog.text
+    assert monitor.summary()[0].startswith("every: POSSIBLY INFEASIBLE: mean shortfall below 3: ")
+
+
+def test_a_constraint_violated_at_every_step_is_reported_once():
+    bounds = Constraint("length_tokens", max=-1, name="negative").bounds()
+    monitor = InfeasibilityMonitor(bounds, patience=2)
+    for step in range(4):
+        monitor.observe(step, torch.tensor([9.0]), torch.tensor([500.0]), estimates=torch.tensor([11.0]))
+    assert monitor.violated_steps == [4]
+    assert monitor.summary()[0] == ("negative: POSSIBLY INFEASIBLE: mean reward 10, target <= -1, still violated after "
+                                    "4 constraint steps in a row with multiplier 500 (smoothed: mean reward 8)")
+
+
+def test_each_kind_is_described_in_its_own_units():
+    expectation = Constraint("length_tokens", min=20, name="e").bounds()[0]
+    chance = Constraint("length_tokens", max=30, kind="chance", epsilon=0.2, name="c").bounds()[0]
+    uniform = Constraint("length_tokens", max=30, kind="uniform", delta=1.5, name="u").bounds()[0]
+    assert describe_bound(expectation, 4.0) == "mean reward 16, target >= 20"  # C = 20 - E[r]
+    assert describe_bound(chance, -0.1) == "fraction meeting <= 30: 0.9, target >= 0.8"  # C = 0.8 - P[r <= 30]
+    assert describe_bound(uniform, 0.5) == "mean shortfall above 30: 2, target <= 1.5"  # C = E[max(0, r - 30)] - 1.5
+
+
+def test_old_monitor_states_load():
+    bounds, monitor = _uniform_monitor()
+    monitor.load_state_dict({"violated_steps": [1], "last_values": [0.5], "last_multipliers": [1.0]})
+    assert monitor.last_estimates == [0.5] and monitor.summary()[0].startswith("every: violated at the last")
