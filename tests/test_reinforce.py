@@ -1,4 +1,5 @@
-"""The REINFORCE estimate of the constraint gradients (Eq. 11-12, App. B): advantages, surrogate loss, unbiasedness."""
+"""The REINFORCE estimate of the constraint gradients (Eq. 11-12, App. B): advantages, surrogate loss, and what each
+baseline estimates (exactly, by enumeration, for one-token and for variable-length responses)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def moments(n: int, advantages_fn, action_violations: torch.Tensor = ACTION_VIOL
 
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
-def test_estimator_is_unbiased(n, baseline):
+def test_estimator_is_unbiased_for_one_token_responses(n, baseline):
     expected = exact_gradient()
     assert expected.abs().max() > 0.1  # a non-trivial target
     mean, _ = moments(n, lambda v: constraint_advantages(v, LAMBDA, baseline))
@@ -151,3 +152,73 @@ def test_leave_one_out_baseline_is_per_prompt_group():
     # across the batch instead, the offset leaks in: 10 - (12 + 100 + 106) / 3 = -62.67
     batch = constraint_advantages(violations, torch.tensor([1.0]), "leave_one_out", group_size=1)
     assert batch[0].item() == pytest.approx(10 - 218 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Responses of different lengths (Eq. 12's length normalization): a tiny autoregressive policy over {a, b, EOS}
+# with position-wise logits, responses of 1 to 3 tokens (EOS counted, as the trainer's completion mask does; a
+# response without EOS is cut at 3). Every response and every pair of responses is enumerated exactly.
+# ----------------------------------------------------------------------------------------------------------------
+
+EOS, MAX_TOKENS = 2, 3
+POSITION_LOGITS = torch.tensor([[0.2, -0.4, 0.1], [0.5, 0.3, -0.2], [-0.1, 0.4, 0.6]], dtype=F64)
+
+
+def _responses() -> list[tuple[int, ...]]:
+    ended = [(*body, EOS) for n in range(MAX_TOKENS) for body in itertools.product((0, 1), repeat=n)]
+    return ended + list(itertools.product((0, 1), repeat=MAX_TOKENS))
+
+
+def _logp(response: tuple[int, ...], theta: torch.Tensor) -> torch.Tensor:
+    return sum(torch.log_softmax(theta[t], 0)[token] for t, token in enumerate(response))
+
+
+def _violation(response: tuple[int, ...]) -> float:
+    return 4.0 - len(response) + (1.5 if response[0] == 0 else 0.0)  # shorter (and 'a'-first) responses violate
+
+
+def _expected_estimate(n: int, baseline: str) -> torch.Tensor:
+    """Exact expectation over n i.i.d. responses of the gradient of reinforce_loss with length-normalized logps."""
+    theta = POSITION_LOGITS.clone().requires_grad_(True)
+    responses = _responses()
+    probs = torch.stack([_logp(r, POSITION_LOGITS).exp() for r in responses])
+    assert probs.sum().item() == pytest.approx(1.0)
+    mean = torch.zeros_like(POSITION_LOGITS)
+    for tuple_ in itertools.product(range(len(responses)), repeat=n):
+        drawn = [responses[i] for i in tuple_]
+        lengths = torch.tensor([float(len(r)) for r in drawn], dtype=F64)
+        logps = torch.stack([_logp(r, theta) for r in drawn]) / lengths
+        advantages = constraint_advantages(torch.tensor([[_violation(r)] for r in drawn], dtype=F64),
+                                           torch.ones(1, dtype=F64), baseline, group_size=n, lengths=lengths)
+        (grad,) = torch.autograd.grad(reinforce_loss(advantages, logps), theta)
+        mean += torch.prod(probs[list(tuple_)]) * grad
+    return mean
+
+
+def _exact(f) -> torch.Tensor:
+    """``sum_y pi(y) f(y) grad log pi(y) / |y|`` and friends, by enumeration: the gradient of
+    ``sum_y stopgrad(pi(y)) f(y) log pi(y) / |y|``."""
+    theta = POSITION_LOGITS.clone().requires_grad_(True)
+    total = sum(_logp(r, POSITION_LOGITS).exp() * f(r) * _logp(r, theta) / len(r) for r in _responses())
+    (grad,) = torch.autograd.grad(total, theta)
+    return grad
+
+
+def test_with_responses_of_different_lengths_leave_one_out_changes_the_expected_direction():
+    """The paper's estimator has expectation E[c g], g = grad log pi / |y|. E[g] = grad E[1/|y|] is not zero, so
+    the leave-one-out baseline (independent of the sample) shifts the expectation by -E[c] grad E[1/|y|]; the
+    per-token leave-one-out baseline keeps the paper's expectation."""
+    paper = _exact(_violation)  # E[c g]
+    mean_c = sum(_logp(r, POSITION_LOGITS).exp() * _violation(r) for r in _responses())
+    inverse_length_gradient = _exact(lambda r: 1.0)  # E[g] = grad E[1/|y|]
+    assert inverse_length_gradient.abs().max() > 0.05 and mean_c > 1.0
+    torch.testing.assert_close(_expected_estimate(2, "none"), paper, rtol=1e-9, atol=1e-12)
+    loo = _expected_estimate(2, "leave_one_out")
+    torch.testing.assert_close(loo, paper - mean_c * inverse_length_gradient, rtol=1e-9, atol=1e-12)
+    assert (loo - paper).abs().max() > 0.05  # not a rounding difference
+    torch.testing.assert_close(_expected_estimate(2, "leave_one_out_per_token"), paper, rtol=1e-9, atol=1e-12)
+
+
+def test_the_per_token_baseline_needs_lengths():
+    with pytest.raises(ValueError, match="lengths"):
+        constraint_advantages(torch.ones(2, 1), torch.ones(1), "leave_one_out_per_token")
