@@ -1,9 +1,14 @@
-"""Sharing each prompt's prefix across its G samples changes no result: same samples, same log-probs, same gradients."""
+"""Sharing each prompt's prefix across its G samples changes no result: same samples, same log-probs, same gradients.
+
+And a deprecated call like the ones the sampler used to make fails the suite when l3m makes it, not when a library does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
+import pytest
 import torch
 
 from fixtures.tiny import build_model, build_tokenizer
@@ -63,3 +68,35 @@ def test_response_nll_over_response_positions_only_equals_the_full_computation()
     token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
     expected = token_nll.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1)
     torch.testing.assert_close(response_nll(model, ids, mask, labels), expected)
+
+
+# the sampler's calls before transformers renamed past_key_values to cache (both still work, with a FutureWarning)
+DEPRECATED_CALLS = {
+    "generate": "model.generate(input_ids=ids, past_key_values=None, max_new_tokens=1, do_sample=False)",
+    "forward": "model(input_ids=ids, past_key_values=None)",  # via nn.Module.__call__: see conftest.blame_module_callers
+}
+
+
+def _run_as(module_name: str, source: str, **names) -> dict:
+    """Run ``source`` as code of the module ``module_name`` (the module its warnings are attributed to)."""
+    namespace = {"__name__": module_name, **names}
+    exec(compile(source, f"<{module_name}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("call", sorted(DEPRECATED_CALLS))
+def test_a_deprecated_call_from_l3m_code_fails_under_the_configured_filters(call):
+    model = build_model(build_tokenizer())
+    with pytest.raises(FutureWarning, match="`past_key_values` is deprecated"):
+        _run_as("l3m.sampling", DEPRECATED_CALLS[call], model=model, ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_a_deprecated_call_inside_a_library_stays_a_warning_even_when_l3m_called_the_library(blame_module_callers):
+    model = build_model(build_tokenizer())
+    library = _run_as("transformers.some_pipeline",
+                      "def run(model, ids):\n" + "".join(f"    {call}\n" for call in DEPRECATED_CALLS.values()))
+    with warnings.catch_warnings(record=True) as caught:  # keeps the configured filters
+        blame_module_callers()  # catch_warnings(record=True) swapped it out for its recorder
+        _run_as("l3m.sampling", "run(model, ids)", run=library["run"], model=model, ids=torch.tensor([[5, 6, 7]]))
+    deprecations = [(w.category, w.filename) for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+    assert deprecations == [(FutureWarning, "<transformers.some_pipeline>")] * len(DEPRECATED_CALLS)
