@@ -29,8 +29,9 @@ class L3MConfig(TrainingArguments):
     solver (`str`, defaults to `"l3m"`): where the weights of the constraint gradients come from (`l3m.solvers`):
         ``"l3m"`` the log barrier (Sec. 5); ``"mm"`` the minimax-Lagrangian baseline, multipliers learned by
         projected dual ascent (Sec. 4.2, 6.3); ``"dual"`` the iterative dual baseline (Zhang et al. 2025), multipliers
-        fixed for ``dual_update_steps`` constraint steps, then one dual step; ``"sft"`` ignores the constraints (plain
-        SFT). Everything else (sampling, rewards, REINFORCE, objective steps, logging, checkpoints) is shared.
+        fixed for ``dual_update_steps`` constraint steps, then one dual step; ``"fixed"`` holds ``multiplier_init``
+        (a hand-weighted penalty); ``"sft"`` ignores the constraints (plain SFT). Everything else (sampling, rewards,
+        REINFORCE, objective steps, logging, checkpoints) is shared.
 
     > Constraints and the log barrier (Sec. 5 of the L3M paper)
 
@@ -80,7 +81,8 @@ class L3MConfig(TrainingArguments):
         default="l3m",
         metadata={"help": "Where the constraint multipliers come from: 'l3m' (log barrier, Sec. 5), 'mm' (minimax "
                           "Lagrangian: projected dual ascent after every constraint step), 'dual' (iterative dual: "
-                          "multipliers fixed for dual_update_steps constraint steps, then one dual step) or 'sft' "
+                          "multipliers fixed for dual_update_steps constraint steps, then one dual step), 'fixed' "
+                          "(multiplier_init for every constraint, never updated: a hand-weighted penalty) or 'sft' "
                           "(ignore the constraints: plain SFT)."},
     )
     constraints: list[dict] | str | None = field(

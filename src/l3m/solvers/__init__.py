@@ -5,6 +5,8 @@
   (Eq. 8) are learned by projected dual ascent after every constraint step.
 - ``dual`` (:class:`IterativeDualSolver`): multipliers held fixed for an outer iteration of policy steps, then one
   dual step (after Zhang et al. 2025, on the SFT objective).
+- ``fixed`` (:class:`FixedSolver`): hand-set weights (``multiplier_init``), never updated: the hand-weighted penalty
+  baseline.
 - ``sft``: the constraints are ignored (plain SFT); no solver is consulted.
 
 Every solver implements :class:`Solver` (:mod:`l3m.solvers.base`); :func:`build_solver` picks one from the config.
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from l3m.errors import L3MConfigError
 from l3m.solvers.base import Solver
+from l3m.solvers.fixed import FixedSolver
 from l3m.solvers.iterative_dual import IterativeDualSolver
 from l3m.solvers.log_barrier import LogBarrierSolver
 from l3m.solvers.minimax import MinimaxSolver
@@ -24,13 +27,14 @@ from l3m.solvers.minimax import MinimaxSolver
 if TYPE_CHECKING:
     from l3m.config import L3MConfig
 
-SOLVERS = ("l3m", "mm", "dual", "sft")
+SOLVERS = ("l3m", "mm", "dual", "fixed", "sft")
 
-__all__ = ["SOLVERS", "IterativeDualSolver", "LogBarrierSolver", "MinimaxSolver", "Solver", "build_solver"]
+__all__ = ["SOLVERS", "FixedSolver", "IterativeDualSolver", "LogBarrierSolver", "MinimaxSolver", "Solver",
+           "build_solver"]
 
 
 def build_solver(args: L3MConfig) -> Solver:
-    """The multiplier strategy of ``args.solver``: ``l3m``, ``mm`` or ``dual``.
+    """The multiplier strategy of ``args.solver``: ``l3m``, ``mm``, ``dual`` or ``fixed``.
 
     ``sft`` gets the log barrier too, as a run without constraints does: the trainer ignores the constraints then,
     so the strategy is never consulted.
@@ -54,4 +58,6 @@ def build_solver(args: L3MConfig) -> Solver:
             multiplier_max=args.multiplier_max,
             warm_start=args.dual_warm_start,
         )
-    raise L3MConfigError(f"solver: unknown solver {args.solver!r}; use one of l3m, mm, dual, sft")
+    if args.solver == "fixed":
+        return FixedSolver(args.multiplier_init, args.ema_smoothing)
+    raise L3MConfigError(f"solver: unknown solver {args.solver!r}; use one of {', '.join(SOLVERS)}")
