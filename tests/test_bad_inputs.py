@@ -103,7 +103,7 @@ CASES = [
     ("zero_max_completion_length", {"max_completion_length": 0}, [], "max_completion_length: must be >= 1", []),
     ("zero_batch_size", {"per_device_train_batch_size": 0}, [], "per_device_train_batch_size: must be >= 1", []),
     ("zero_skip_limit", {"max_consecutive_skipped_steps": 0}, [], "max_consecutive_skipped_steps: must be >= 1", []),
-    ("unknown_solver", {"solver": "ppo"}, [], "solver: must be one of l3m, mm, dual, sft, got 'ppo'", []),
+    ("unknown_solver", {"solver": "ppo"}, [], "solver: must be one of l3m, mm, dual, fixed, sft, got 'ppo'", []),
     ("unknown_scheduler", {"lr_scheduler_type": "sometimes"}, [], "lr_scheduler_type: sometimes is not a valid", []),
     ("duplicated_constraint_names", {"constraints": [LENGTH, dict(LENGTH, reward="length_words")]}, [],
      "constraints: duplicated name(s) ['length']", []),

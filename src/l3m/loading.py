@@ -7,6 +7,7 @@ Everything else is a hub id or a local path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from l3m.errors import L3MConfigError
@@ -57,10 +58,12 @@ def load_tokenizer(name: str, **kwargs):
 def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=None, **model_kwargs):
     """Load the policy (or ``auto_class``) and its tokenizer from ``path`` or ``model_args.model_name_or_path``.
 
-    A folder saved with a LoRA adapter (``adapter_config.json``) loads as the base model with the adapter.
+    A folder saved with a LoRA adapter (``adapter_config.json``) loads as the base model with the adapter;
+    ``load_in_4bit`` / ``load_in_8bit`` load bitsandbytes-quantized weights (TRL's quantization config).
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from trl import get_kbit_device_map, get_quantization_config
 
     name = resolve_model_name(path or model_args.model_name_or_path)
     if model_args.dtype not in DTYPES:
@@ -68,7 +71,12 @@ def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=Non
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     if auto_class is None and os.path.exists(os.path.join(name, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM as auto_class
+    if getattr(model_args, "use_peft", False) and importlib.util.find_spec("peft") is None:
+        raise L3MConfigError("use_peft: install peft (pip install 'l3m[peft]') to train a LoRA adapter")
     hub = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:  # bitsandbytes 4/8-bit weights, on the GPU (untested here: no GPU)
+        model_kwargs = {"quantization_config": quantization, "device_map": get_kbit_device_map(), **model_kwargs}
     try:
         tokenizer = load_tokenizer(name, **hub)
         model = (auto_class or AutoModelForCausalLM).from_pretrained(

@@ -73,10 +73,17 @@ def _yaml_value(action: argparse.Action, value: Any) -> Any:
             return None
         raise L3MConfigError(f"{action.dest}: expected a value, got null; remove the key to keep the default "
                              f"{action.default!r}")
-    if isinstance(value, list) and action.nargs in ("+", "*"):
-        return [_yaml_value(action, item) for item in value]
+    if action.nargs in ("+", "*"):  # a list field: every item converted (argparse leaves list defaults alone)
+        return [_converted(action, item) for item in (value if isinstance(value, list) else [value])]
     if isinstance(value, (list, dict)) or action.type is None or isinstance(value, str):
         return value  # structures are checked by their dataclass; strings are converted by argparse itself
+    return _converted(action, value)
+
+
+def _converted(action: argparse.Action, value: Any) -> Any:
+    """``value`` converted by the field's argparse type, or a one-line error naming the field."""
+    if action.type is None:
+        return value
     try:
         return action.type(str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
