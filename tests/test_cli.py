@@ -220,7 +220,9 @@ def test_example_config_parses(path):
         plans, (script_args, training_args, model_args), _ = plan_comparison(["--config", path])
         assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "dual"}
     else:
-        script_args, training_args, model_args = parse_train_args(["--config", path])
+        with open(path, encoding="utf-8") as f:
+            grpo = f.readline().split()[3:4] == ["grpo"]  # "# Launch:  l3m grpo ..."
+        script_args, training_args, model_args = parse_train_args(["--config", path], grpo=grpo)
     assert model_args.model_name_or_path and script_args.dataset_name
     assert training_args.max_steps > 0 and training_args.output_dir
     with open(path, encoding="utf-8") as f:

@@ -24,7 +24,7 @@ from l3m.training.grpo_config import ConstrainedGRPOConfig
 
 # 2 prompts x 4 completions per step, at most 16 tokens: the random tiny model rambles (about 12 tokens, most
 # completions hit the cap). beta=0: no reference model, as in most GRPO recipes.
-GRPO_BASE = dict(use_cpu=True, report_to=[], disable_tqdm=True, seed=0, bf16=False, gradient_checkpointing=False,
+GRPO_BASE = dict(use_cpu=True, report_to=[], disable_tqdm=True, seed=0, bf16=False, activation_checkpointing=False,
                  per_device_train_batch_size=8, num_generations=4, max_completion_length=16, beta=0.0,
                  learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                  scale_rewards="batch")
@@ -213,3 +213,27 @@ def test_fixed_solver():
         FixedSolver(-1.0)
     with pytest.raises(L3MConfigError, match="^multiplier_init: the checkpoint was trained with fixed weights"):
         FixedSolver(1.0).load_state_dict(solver.state_dict())
+
+
+def test_l3m_grpo_command_trains_saves_and_resumes(assets, tmp_path, capsys):
+    from l3m.cli import main
+
+    out = tmp_path / "out"
+    argv = ["grpo", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+            "--reward", "length_words", "--constraints", "[{name: length, reward: length_tokens, max: 5}]",
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2",
+            "--max_completion_length", "8", "--bf16", "false", "--activation_checkpointing", "false",
+            "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out), "--report_to", "none",
+            "--use_cpu", "true", "--disable_tqdm", "true"]
+    assert main(argv) == 0, capsys.readouterr().err
+    with open(out / "checkpoint-2" / SOLVER_STATE_NAME) as f:
+        assert json.load(f)["constraints"] == ["length"]
+    assert (out / "model.safetensors").exists()
+    assert main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0  # continues from step 2
+    with open(out / "checkpoint-3" / SOLVER_STATE_NAME) as f:
+        assert json.load(f)["global_step"] == 3
+
+    capsys.readouterr()
+    assert main([*argv, "--solver", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("l3m: error: solver: must be one of l3m, mm, dual, fixed") and err.count("\n") == 1

@@ -20,18 +20,23 @@ def _parse(types: tuple, argv: list[str], prog: str, description: str) -> tuple:
     return L3MParser(types, prog=prog, description=description).parse(argv)
 
 
-def parse_train_args(argv: list[str], *extra_types, prog: str = "l3m train",
-                     description: str = "Fine-tune a model under reward constraints (L3M).") -> tuple:
-    """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``)."""
+def parse_train_args(argv: list[str], *extra_types, prog: str = "", description: str = "", grpo: bool = False) -> tuple:
+    """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``);
+    with ``grpo``, of ``l3m grpo``'s (``training_args`` a :class:`l3m.ConstrainedGRPOConfig`)."""
     from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+    from l3m.training.grpo_config import ConstrainedGRPOConfig, GRPOModelConfig
 
-    return _parse((ScriptArguments, L3MConfig, ModelConfig, *extra_types), argv, prog, description)
+    configs = (ConstrainedGRPOConfig, GRPOModelConfig) if grpo else (L3MConfig, ModelConfig)
+    return _parse((ScriptArguments, *configs, *extra_types), argv,
+                  prog or f"l3m {'grpo' if grpo else 'train'}", description or (
+                      "GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver."
+                      if grpo else "Fine-tune a model under reward constraints (L3M)."))
 
 
-def cmd_train(argv: list[str]) -> int:
-    from l3m.training.run import train_from_args
+def cmd_train(argv: list[str], grpo: bool = False) -> int:
+    from l3m.training.run import grpo_from_args, train_from_args
 
-    print(f"Saved the model to {train_from_args(*parse_train_args(argv))}")
+    print(f"Saved the model to {(grpo_from_args if grpo else train_from_args)(*parse_train_args(argv, grpo=grpo))}")
     return 0
 
 
@@ -102,17 +107,20 @@ REWARD_USAGE = """usage: l3m reward {train,build-standin,experiment} [--config F
   experiment     Fig. 3: initial, SFT, L3Ms and MMs under two learned reward constraints"""
 
 
-def cmd_reward(argv: list[str]) -> int:
-    if not argv or argv[0] not in REWARD_COMMANDS:
-        print(REWARD_USAGE)
+def _dispatch(commands: dict, usage: str, argv: list[str]) -> int:
+    if not argv or argv[0] not in commands:
+        print(usage)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return REWARD_COMMANDS[argv[0]](argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo, "reward": cmd_reward}
-USAGE = """usage: l3m {train,eval,compare,demo,reward} [--config FILE.yaml] [--field value ...]
+COMMANDS = {"train": cmd_train, "grpo": lambda argv: cmd_train(argv, grpo=True), "eval": cmd_eval,
+            "compare": cmd_compare, "demo": cmd_demo,
+            "reward": lambda argv: _dispatch(REWARD_COMMANDS, REWARD_USAGE, argv)}
+USAGE = """usage: l3m {train,grpo,eval,compare,demo,reward} [--config FILE.yaml] [--field value ...]
 
   train    fine-tune a model under reward constraints (L3M); plain SFT without constraints
+  grpo     GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
   eval     task log-perplexity and constraint rewards of a saved model on the test split
   compare  train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
   demo     the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
@@ -123,23 +131,15 @@ USAGE = """usage: l3m {train,eval,compare,demo,reward} [--config FILE.yaml] [--f
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return _dispatch(COMMANDS, USAGE, argv)
     except SystemExit as exit_request:  # --help
         return exit_request.code if isinstance(exit_request.code, int) else 0
-    except L3MTrainingStopped as err:
-        if err.signum is None:
-            print(f"l3m: error: {err}", file=sys.stderr)
-            return 2
-        print(f"l3m: {err}", file=sys.stderr)
-        return 128 + err.signum  # the shell's convention for "ended by signal N"
-    except L3MError as err:
-        print(f"l3m: error: {err}", file=sys.stderr)
-        return 2
+    except L3MError as err:  # L3MTrainingStopped by a signal N exits with 128 + N, the shell's convention
+        signum = err.signum if isinstance(err, L3MTrainingStopped) else None
+        print(f"l3m: {'' if signum else 'error: '}{err}", file=sys.stderr)
+        return 2 if signum is None else 128 + signum
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it: stop at once, quietly
         print("l3m: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

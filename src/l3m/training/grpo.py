@@ -41,15 +41,22 @@ from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradi
 logger = logging.getLogger(__name__)
 
 
+def check_prompt_columns(dataset, name: str = "train", field: str = "train_dataset") -> None:
+    """Fail early, naming ``field``, when a split is empty or has neither ``prompt`` nor ``messages``."""
+    columns = set(dataset.column_names)
+    if len(dataset) == 0:
+        raise L3MDataError(f"{field}: the {name} split is empty")
+    if not columns & {"prompt", "messages"}:
+        raise L3MDataError(f"{field}: has columns {sorted(columns)}; expected 'prompt' or 'messages' (a conversation "
+                           "ending with a user turn)")
+
+
 def prompt_dataset(dataset, field: str = "train_dataset"):
     """A dataset GRPO can sample from: a ``prompt`` column as it is (text, or a conversation), or ``messages``
     conversations cut after their last user turn (later assistant turns, e.g. reference answers, are dropped)."""
-    columns = set(dataset.column_names)
-    if "prompt" in columns:
+    check_prompt_columns(dataset, field=field)
+    if "prompt" in dataset.column_names:
         return dataset
-    if "messages" not in columns:
-        raise L3MDataError(f"{field}: has columns {sorted(columns)}; expected 'prompt' or 'messages' (a conversation "
-                           "ending with a user turn)")
 
     def cut(example, idx):
         messages = example["messages"]

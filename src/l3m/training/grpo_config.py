@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import trl
 import yaml
 from trl import GRPOConfig
 
@@ -136,3 +137,18 @@ class ConstrainedGRPOConfig(GRPOConfig):
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise L3MConfigError(f"{name}: {message}")
+
+
+@dataclass
+class GRPOModelConfig(trl.ModelConfig):
+    """``l3m grpo``'s model arguments: :class:`l3m.ModelConfig`'s, except ``trust_remote_code``, which
+    ``GRPOConfig`` already has (the loader reads it from there)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts: 'all-linear' (every linear layer but the output head) or names, "
+                          "e.g. q_proj v_proj."},
+    )
