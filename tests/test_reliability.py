@@ -8,51 +8,21 @@ import math
 import os
 import signal
 import sys
+from functools import partial
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 
-from fixtures.tiny import build_model, build_tokenizer, make_examples
-from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer, L3MTrainingStopped
+from fixtures.tiny import make_examples
+from fixtures.trainers import Recorder, copy_weights, make_trainer, same_weights
+from l3m import Constraint, L3MConfigError, L3MTrainingStopped
 from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
-                             last_complete_checkpoint)
+                                     last_complete_checkpoint)
 
 LENGTH = Constraint("length_tokens", min=2, max=5, name="length")
-
-
-def _trainer(tmp_path, constraints=(LENGTH,), examples=None, **overrides) -> L3MTrainer:
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
-                  num_generations=2, max_completion_length=12, logging_steps=1, report_to=[], use_cpu=True,
-                  disable_tqdm=True, seed=0, save_strategy="no")
-    values.update(overrides)
-    tokenizer = build_tokenizer()
-    data = examples if examples is not None else make_examples(64, 8, 12, seed=0)
-    return L3MTrainer(model=build_model(tokenizer), args=L3MConfig(**values), train_dataset=Dataset.from_list(data),
-                      processing_class=tokenizer, constraints=list(constraints))
-
-
-class Recorder(TrainerCallback):
-    """The weights after every optimizer step (``weights[0]``: before training) and every log."""
-
-    def __init__(self, model):
-        self.weights = {0: self._copy(model)}
-        self.logs = []
-
-    @staticmethod
-    def _copy(model):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights[state.global_step] = self._copy(model)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs or {}))
-
-
-def _same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
+_trainer = partial(make_trainer, constraints=(LENGTH,), max_steps=8, per_device_train_batch_size=4,
+                   max_completion_length=12, logging_steps=1)
 
 
 # ---- atomic checkpoints and resume ----
@@ -88,7 +58,7 @@ def test_a_save_killed_midway_is_never_taken_for_a_checkpoint(tmp_path, monkeypa
     assert sorted(os.listdir(run_dir)) == ["checkpoint-8"]  # the staging folder is gone; rotation kept one
     assert {TRAINER_STATE_NAME, SOLVER_STATE_NAME, "model.safetensors"} <= set(os.listdir(run_dir / "checkpoint-8"))
     assert not (run_dir / "checkpoint-8" / "pytorch_model.bin").exists()  # weights: safetensors only
-    assert _same(Recorder._copy(straight.model), Recorder._copy(resumed.model))
+    assert same_weights(copy_weights(straight.model), copy_weights(resumed.model))
 
 
 def test_resume_skips_incomplete_checkpoint_folders(tmp_path, caplog):
@@ -170,10 +140,10 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, source, caplo
     skipped = int(trainer.guard.last_reason.split("at step ")[1])  # the step index before its update
     assert trainer.guard.last_reason.startswith("reward of length" if source == "reward" else "loss")
     assert f"Skipped optimizer step {skipped}: non-finite" in caplog.text
-    assert _same(recorder.weights[skipped], recorder.weights[skipped + 1])  # nothing reached the weights
+    assert same_weights(recorder.weights[skipped], recorder.weights[skipped + 1])  # nothing reached the weights
     for step in range(8):
         if step != skipped:
-            assert not _same(recorder.weights[step], recorder.weights[step + 1]), step  # the other steps train
+            assert not same_weights(recorder.weights[step], recorder.weights[step + 1]), step  # the other steps train
     counts = [log["train/skipped_steps"] for log in recorder.logs if "train/skipped_steps" in log][:8]  # one a step
     assert counts == [0] * skipped + [1] * (8 - skipped)
     assert all(math.isfinite(v) for log in recorder.logs for k, v in log.items() if k != "loss")
@@ -184,7 +154,7 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, source, caplo
 def test_too_many_skipped_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_weights(tmp_path):
     trainer = _trainer(tmp_path, constraints=[Constraint(NaNOnCall(set(range(100))), max=5, name="length")],
                        objective_step_probability=0.0, max_consecutive_skipped_steps=3)
-    initial = Recorder._copy(trainer.model)
+    initial = copy_weights(trainer.model)
     with pytest.raises(L3MTrainingStopped, match=r"^max_consecutive_skipped_steps: 3 optimizer steps in a row had a "
                                                  r"non-finite loss, gradient or reward \(last: reward of length at step "
                                                  r"2\); stopped and saved the last good weights to .*checkpoint-3") as err:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 
-from fixtures.tiny import build_model, build_tokenizer, make_examples
-from l3m import Constraint, L3MConfig, L3MConfigError, L3MTrainer
+from fixtures.tiny import make_examples
+from fixtures.trainers import Recorder, make_trainer
+from l3m import Constraint, L3MConfigError, L3MTrainer
 from l3m.data import prepare_dataset
 from l3m.evaluation import evaluate_model
 from l3m.training.trainer import SOLVER_STATE_NAME, is_constraint_step
@@ -20,20 +21,8 @@ from l3m.training.trainer import SOLVER_STATE_NAME, is_constraint_step
 # have 8-12 tokens. The constraint asks for 2-5 tokens: violated at the start, and away from where SFT goes.
 LENGTH_RANGE = (2.0, 5.0)
 
-
-def _config(tmp_path, **overrides) -> L3MConfig:
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=8, learning_rate=1e-3,
-                  lr_scheduler_type="constant", num_generations=2, max_completion_length=16, logging_steps=5,
-                  report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no")
-    values.update(overrides)
-    return L3MConfig(**values)
-
-
-def _trainer(tmp_path, constraints, **overrides) -> L3MTrainer:
-    tokenizer = build_tokenizer()
-    return L3MTrainer(model=build_model(tokenizer), args=_config(tmp_path, **overrides),
-                      train_dataset=Dataset.from_list(make_examples(256, 8, 12, seed=0)),
-                      processing_class=tokenizer, constraints=constraints)
+_trainer = partial(make_trainer, num_examples=256, max_steps=60, per_device_train_batch_size=8,
+                   lr_scheduler_type="constant", max_completion_length=16, logging_steps=5)
 
 
 def _held_out_mean_length(trainer: L3MTrainer) -> float:
@@ -42,14 +31,6 @@ def _held_out_mean_length(trainer: L3MTrainer) -> float:
     result = evaluate_model(trainer.model, tokenizer, test, constraints=[], max_new_tokens=16, batch_size=32,
                             progress=False)
     return result["summary"]["length_mean"]
-
-
-class StepRecorder(TrainerCallback):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs or {}))
 
 
 def test_length_constraint_is_satisfied_where_sft_is_not(tmp_path):
@@ -94,7 +75,7 @@ def test_chance_and_uniform_constraints_violated_at_first_end_satisfied(tmp_path
 
     before = held_out()
     assert not before["length/satisfied"] and before["length/value"] > 0, before
-    recorder = StepRecorder()
+    recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
     after = held_out()
@@ -108,7 +89,7 @@ def test_chance_and_uniform_constraints_violated_at_first_end_satisfied(tmp_path
 
 def test_no_constraints_is_plain_sft(tmp_path):
     trainer = _trainer(tmp_path, constraints=[], max_steps=6)
-    recorder = StepRecorder()
+    recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
     steps = [log for log in recorder.logs if "step/constraint" in log]
@@ -119,7 +100,7 @@ def test_no_constraints_is_plain_sft(tmp_path):
 def test_logged_metrics_cover_the_solver(tmp_path):
     trainer = _trainer(tmp_path, constraints=[Constraint("length_tokens", min=2, max=5, name="length")], max_steps=10,
                        logging_steps=10)
-    recorder = StepRecorder()
+    recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
     logged = set().union(*recorder.logs)
@@ -142,7 +123,7 @@ def test_same_seed_gives_same_coins_and_weights(tmp_path):
     runs = []
     for name in ("a", "b"):
         trainer = _trainer(tmp_path / name, constraints=[Constraint("length_tokens", max=5)], max_steps=12)
-        recorder = StepRecorder()
+        recorder = Recorder()
         trainer.add_callback(recorder)
         trainer.train()
         coins = [log["step/constraint"] for log in recorder.logs if "step/constraint" in log]
@@ -191,7 +172,7 @@ def test_baselines_satisfy_a_violated_length_constraint(tmp_path, solver):
     high = LENGTH_RANGE[1]
     trainer = _trainer(tmp_path, constraints=[Constraint("length_tokens", max=high, name="length")], solver=solver,
                        **BASELINES[solver])
-    recorder = StepRecorder()
+    recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
 
@@ -233,7 +214,7 @@ def test_mm_dual_lr_only_matters_below_the_gradient_clip(tmp_path):
 def test_sft_solver_ignores_the_constraints(tmp_path):
     trainer = _trainer(tmp_path, constraints=[Constraint("length_tokens", max=5, name="length")], solver="sft",
                        max_steps=6)
-    recorder = StepRecorder()
+    recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
     assert trainer.bounds == []
