@@ -119,7 +119,12 @@ class L3MTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means; the Trainer divides by GA steps
+        # l3m's losses are per-micro-batch means, which the Trainer must divide by the gradient accumulation steps. It
+        # does not when it takes the model for normalizing the loss over the accumulated batch (num_items_in_batch),
+        # i.e. when the model accepts loss kwargs. Saying it does not is the switch every transformers 5.x reads
+        # (`loss_is_scaled_for_ga` only exists since 5.19 and, left at None, follows it; TRL sets this one before
+        # 5.19); it also spares the Trainer counting label tokens that l3m's losses do not use.
+        self.model_accepts_loss_kwargs = False
         self.stop_ids = eos_ids(processing_class, model)
         self.solver = build_solver(args)
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
