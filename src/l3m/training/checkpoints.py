@@ -1,12 +1,14 @@
 """Crash-safe checkpoints: atomic saves, resuming from the last complete checkpoint, a save on SIGTERM/SIGINT.
 
-The Trainer writes a checkpoint's files into ``checkpoint-N`` one after the other, so a process killed in the middle
-leaves a folder that ``transformers.trainer_utils.get_last_checkpoint`` takes for complete. :class:`l3m.L3MTrainer`
-has the Trainer write them into a staging folder ``tmp-checkpoint-N`` instead, and :func:`publish_checkpoint` renames
-the finished folder to ``checkpoint-N`` (a rename is atomic on POSIX file systems): a ``checkpoint-N`` folder is
-always complete, and old checkpoints are rotated only after it exists. Staging folders left by a killed save are
-removed by the next save and ignored by resume (``get_last_checkpoint`` and the Trainer's rotation only match
-``checkpoint-<step>``).
+The Trainer (transformers 5.24) writes a checkpoint's files straight into ``checkpoint-N``, one after the other and
+without flushing them, so a process killed in the middle leaves a folder that
+``transformers.trainer_utils.get_last_checkpoint`` takes for complete; with several processes, the main one writes
+``trainer_state.json`` without waiting for the others' RNG states (docs/reliability.md). :class:`l3m.L3MTrainer` has
+the Trainer write them into a staging folder ``tmp-checkpoint-N`` instead, and once every process is done
+:func:`publish_checkpoint` renames the finished folder to ``checkpoint-N`` (a rename is atomic on POSIX file systems):
+a ``checkpoint-N`` folder is always complete, and old checkpoints are rotated only after it exists. Staging folders
+left by a killed save are removed by the next save and ignored by resume (``get_last_checkpoint`` and the Trainer's
+rotation only match ``checkpoint-<step>``).
 """
 
 from __future__ import annotations

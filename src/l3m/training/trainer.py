@@ -284,14 +284,20 @@ class L3MTrainer(Trainer):
             "infeasibility": self.infeasibility.state_dict(),
         }
 
-    # Overridden (private hook) so that, while a checkpoint is being saved, the Trainer writes it into the staging
-    # folder tmp-checkpoint-N (see _save_checkpoint).
+    # The two private hooks below are overridden because transformers offers no public way to save a checkpoint
+    # atomically (docs/reliability.md). Trainer._save_checkpoint(model, trial) (transformers 5.24: trainer.py
+    # L3363-3430) writes straight into <_get_output_dir(trial)>/checkpoint-<global_step> (weights, optimizer, scheduler,
+    # scaler and RNG states, then trainer_state.json) and then rotates the checkpoints of that folder. l3m points
+    # _get_output_dir at a staging folder while the Trainer saves, and renames the finished folder into place.
+    # tests/test_trainer_hooks.py pins what this relies on and fails, naming the change, when transformers changes it.
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
-    # Overridden (private hook) to save atomically (l3m.training.checkpoints): the solver state and the Trainer's files go
-    # into tmp-checkpoint-N/checkpoint-N, which is renamed to checkpoint-N once complete; old checkpoints are
-    # rotated only then.
+    # Saves atomically (l3m.training.checkpoints): the solver state (a file beside the Trainer's, as TRL's trainers
+    # write theirs) and the Trainer's files go into tmp-checkpoint-N/checkpoint-N, renamed to checkpoint-N once every
+    # process has written its part (the Trainer does not wait for the others' rng_state_<rank>.pth); old checkpoints
+    # are rotated only then.
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -307,15 +313,26 @@ class L3MTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_run_dir = None
+        self._unstage_best_model_checkpoint(staging, run_dir, name)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and os.path.dirname(best) == staging:  # the Trainer recorded the staging path
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
             publish_checkpoint(staging, run_dir, name)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _unstage_best_model_checkpoint(self, staging: str, run_dir: str, name: str) -> None:
+        """Point ``state.best_model_checkpoint`` at the published folder rather than the staging one.
+
+        The Trainer records the best checkpoint as ``<folder it saved into>/checkpoint-<best step>`` when that exists
+        there, i.e. when this step is the best one. Fixed on every process (each one loads the best model at the end
+        with ``load_best_model_at_end``) and in the staged ``trainer_state.json``, which a resumed run reads.
+        """
+        best = self.state.best_model_checkpoint
+        if best is None or os.path.dirname(best) != staging:
+            return
+        self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Train; ``resume_from_checkpoint`` (a folder, or True for the last complete one) also restores the solver
