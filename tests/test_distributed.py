@@ -1,5 +1,5 @@
 """Two CPU processes (torchrun, gloo DDP) train one model: same coins, one reduced constraint estimate, different
-samples, gradients averaged once, equal parameters at the end."""
+samples, gradients averaged once and then clipped, equal parameters at the end."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def test_gradients_are_averaged_once(ranks, kind):
     local = [torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in
              [_step_loss(model, step) for step in steps]]
     assert any(not torch.allclose(a, b) for a, b in zip(*local)), "the processes' own gradients must differ"
+
+
+def test_each_update_is_the_clipped_averaged_gradient_step(ranks):
+    """The worker trains with plain SGD, so each update must be ``-lr * c * g``: ``g`` the averaged gradient recorded
+    before clipping, ``c = max_grad_norm / |g|`` as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    max_norm, lr = ranks[0]["settings"]["max_grad_norm"], ranks[0]["settings"]["learning_rate"]
+    for r in ranks:
+        assert r["skipped_steps"] == 0
+        after = [s["weights"] for s in r["steps"][1:]] + [r["params"]]
+        for i, (step, new) in enumerate(zip(r["steps"], after)):
+            names = list(step["grads"])  # the parameters, the tied output layer once
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(step["grads"][n]) for n in names]))
+            assert norm > max_norm, f"step {i}: gradient norm {norm:.3g} <= max_grad_norm {max_norm}: nothing to clip"
+            clip = max_norm / (norm + 1e-6)
+            update = torch.cat([(new[n] - step["weights"][n]).flatten() for n in names])
+            expected = torch.cat([(-lr * clip * step["grads"][n]).flatten() for n in names])
+            error = ((update - expected).norm() / expected.norm()).item()
+            assert error < 1e-3, f"rank {r['rank']}, step {i}: the update is off the clipped step by {error:.2g}"
 
 
 def test_a_world_of_one_under_a_multi_process_launch_is_refused(monkeypatch):
