@@ -110,13 +110,13 @@ def test_solver_defaults_to_l3m_with_the_dual_defaults(tmp_path):
         False, 1.0, 10, False)
 
 
-@pytest.mark.parametrize("solver", ["l3m", "mm", "dual", "sft"])
+@pytest.mark.parametrize("solver", ["l3m", "mm", "dual", "fixed", "sft"])
 def test_every_solver_is_accepted(tmp_path, solver):
     assert make(tmp_path, solver=solver).solver == solver
 
 
 def test_unknown_solver_lists_the_choices(tmp_path):
-    with pytest.raises(L3MConfigError, match=r"^solver: must be one of l3m, mm, dual, sft, got 'lagrangian'"):
+    with pytest.raises(L3MConfigError, match=r"^solver: must be one of l3m, mm, dual, fixed, sft, got 'lagrangian'"):
         make(tmp_path, solver="lagrangian")
 
 

@@ -63,7 +63,7 @@ def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=Non
     """
     import torch
     from transformers import AutoModelForCausalLM
-    from trl import get_kbit_device_map, get_quantization_config
+    from trl import get_quantization_config
 
     name = resolve_model_name(path or model_args.model_name_or_path)
     if model_args.dtype not in DTYPES:
@@ -75,8 +75,11 @@ def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=Non
         raise L3MConfigError("use_peft: install peft (pip install 'l3m[peft]') to train a LoRA adapter")
     hub = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
     quantization = get_quantization_config(model_args)
-    if quantization is not None:  # bitsandbytes 4/8-bit weights, on the GPU (untested here: no GPU)
-        model_kwargs = {"quantization_config": quantization, "device_map": get_kbit_device_map(), **model_kwargs}
+    if quantization is not None:  # bitsandbytes 4/8-bit weights on this process's GPU (untested here: no GPU)
+        from accelerate import PartialState
+
+        model_kwargs = {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index},
+                        **model_kwargs}
     try:
         tokenizer = load_tokenizer(name, **hub)
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
