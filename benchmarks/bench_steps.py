@@ -181,7 +181,7 @@ def run_trl(args, beta: float) -> dict:
         per_device_train_batch_size=args.batch * args.num_generations, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, top_p=0.9, temperature=1.0, beta=beta,
         learning_rate=2e-5, lr_scheduler_type="constant", shuffle_dataset=False, bf16=False,
-        gradient_checkpointing=False, logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True,
+        activation_checkpointing=False, logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True,
         save_strategy="no", seed=0)
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=prompts,

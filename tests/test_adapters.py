@@ -32,7 +32,7 @@ def test_lora_with_gradient_checkpointing_trains_the_adapter_only(tmp_path, monk
     tokenizer = build_tokenizer()
     args = L3MConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
                      lr_scheduler_type="constant", num_generations=2, max_completion_length=8, report_to=[],
-                     use_cpu=True, disable_tqdm=True, gradient_checkpointing=True, seed=0)
+                     use_cpu=True, disable_tqdm=True, activation_checkpointing=True, seed=0)
     trainer = L3MTrainer(model=build_model(tokenizer), args=args,
                          train_dataset=Dataset.from_list(make_examples(32, 8, 12)), processing_class=tokenizer,
                          constraints=[Constraint("length_tokens", max=3)],
@@ -48,4 +48,4 @@ def test_lora_with_gradient_checkpointing_trains_the_adapter_only(tmp_path, monk
     # generation ran in eval mode (no checkpointing, KV cache on); training mode and checkpointing came back after
     assert ("generate", False) in generating_modes and True in generating_modes
     assert ("generate", True) not in generating_modes
-    assert trainer.model.base_model.model.is_gradient_checkpointing
+    assert trainer.model.base_model.model.is_activation_checkpointing
