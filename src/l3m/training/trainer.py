@@ -164,9 +164,10 @@ class L3MTrainer(Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            self.solver.update_(torch.stack(self._pending_estimates).mean(dim=0))
+            estimate = torch.stack(self._pending_estimates).mean(dim=0)
             self._pending_estimates.clear()
-            self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers)
+            self.solver.update_(estimate)
+            self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers, estimates=estimate)
         self._metric_marks = None
         self._metrics["step/constraint"].append(float(self._constraint_step))
         if self.bounds:
@@ -351,7 +352,7 @@ class L3MTrainer(Trainer):
             finally:
                 self._stop_signals = None
         for line in self.infeasibility.summary():
-            logger.log(logging.INFO if ": satisfied:" in line else logging.WARNING, "Constraint %s", line)
+            logger.log(logging.INFO if ": satisfied " in line else logging.WARNING, "Constraint %s", line)
         checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.guard.exhausted:
             raise L3MTrainingStopped(
