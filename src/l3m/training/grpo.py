@@ -17,6 +17,7 @@ checkpoint (``l3m_state.json``) and restored on resume. docs/grpo.md explains th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -220,7 +221,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             multipliers = self._pending[-1][1]  # the weights the step's rewards used
             self._pending.clear()
             self.solver.update_(estimate)
-            self.infeasibility.observe(step, self.solver.estimate, multipliers)
+            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate)
             for i, bound in enumerate(self.bounds):
                 metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
                 metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
@@ -258,8 +259,8 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
     # last, so a folder with it also has l3m_state.json (resume skips folders without either).
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            write_json(os.path.join(folder, SOLVER_STATE_NAME), self.solver_state())
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json(os.path.join(self._get_output_dir(trial=trial), name, SOLVER_STATE_NAME), self.solver_state())
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -276,7 +277,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             finally:
                 self._stop_signals = None
         for line in self.infeasibility.summary():
-            logger.log(logging.INFO if ": satisfied:" in line else logging.WARNING, "Constraint %s", line)
+            logger.log(logging.INFO if ": satisfied " in line else logging.WARNING, "Constraint %s", line)
         saved = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.guard.exhausted:
             raise L3MTrainingStopped(
@@ -302,8 +303,6 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         return resume_from_checkpoint
 
     def _load_solver_state(self, checkpoint: str) -> None:
-        import json
-
         path = os.path.join(checkpoint, SOLVER_STATE_NAME)
         if not os.path.exists(path):  # a plain GRPOTrainer checkpoint, accepted for runs without constraints
             return
