@@ -11,7 +11,7 @@ import yaml
 from l3m.cli import main
 from l3m.experiments.compare import compare_table, expand_methods, plan_comparison
 from l3m.errors import L3MConfigError
-from l3m.training.trainer import objective_step_count
+from l3m.training.coin import objective_step_count
 
 METHODS = [
     {"name": "SFT", "solver": "sft", "match_objective_steps": True},
@@ -100,7 +100,7 @@ def test_a_failing_method_is_reported_and_the_others_still_run(assets, tmp_path,
      r"^methods\[MM\]\.sweep\.dual_lr: expected a non-empty list"),
     ([{"name": "MM", "solver": "mm", "sweep": {"lr": [1]}}], r"^methods\[MM\]\.sweep: unknown field 'lr'"),
     ([{"name": "A", "solver": "mm"}, {"name": "A", "solver": "l3m"}], r"^methods: duplicated name\(s\) \['A'\]"),
-    ([{"name": "PPO", "solver": "ppo"}], r"^methods\[PPO\]: solver: must be one of l3m, mm, dual, sft"),
+    ([{"name": "PPO", "solver": "ppo"}], r"^methods\[PPO\]: solver: must be one of l3m, mm, dual, fixed, sft"),
     ([{"name": "L3M", "solver": "l3m", "constraints": [{"reward": "length_tokens", "max": 3}]}],
      r"^methods\[L3M\]: \['constraints'\] must be the same for every method; set them at the top level"),
     ([{"name": "MM", "solver": "mm", "sweep": {"test_size": [4, 8]}}], r"^methods\[MM\]: \['test_size'\] must be"),

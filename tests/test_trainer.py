@@ -15,7 +15,8 @@ from fixtures.trainers import Recorder, make_trainer
 from l3m import Constraint, L3MConfigError, L3MTrainer
 from l3m.data import prepare_dataset
 from l3m.evaluation import evaluate_model
-from l3m.training.trainer import SOLVER_STATE_NAME, is_constraint_step
+from l3m.training.checkpoints import SOLVER_STATE_NAME
+from l3m.training.coin import is_constraint_step
 
 # The random tiny model rambles (about 9 tokens, a quarter of samples hit the 16-token cap); the task data's answers
 # have 8-12 tokens. The constraint asks for 2-5 tokens: violated at the start, and away from where SFT goes.
@@ -249,3 +250,30 @@ def test_resume_of_an_mm_run_restores_the_multipliers(tmp_path):
     other = _trainer(tmp_path / "resumed", constraints=constraint, max_steps=16)  # solver l3m
     with pytest.raises(L3MConfigError, match="^solver: the checkpoint was trained with solver 'mm', not 'l3m'"):
         other.train(resume_from_checkpoint=checkpoint)
+
+
+def test_the_per_token_baseline_gets_each_responses_normalizer(tmp_path, monkeypatch):
+    """reinforce_baseline: leave_one_out_per_token needs |y|, the length that normalizes each response's
+    log-likelihood (its completion-mask count, the end-of-turn token included)."""
+    import l3m.training.trainer as trainer_module
+
+    seen = []
+
+    def recording(violations, multipliers, baseline, group_size, lengths):
+        seen.append((baseline, lengths.clone()))
+        return trainer_module_constraint_advantages(violations, multipliers, baseline, group_size, lengths)
+
+    trainer_module_constraint_advantages = trainer_module.constraint_advantages
+    monkeypatch.setattr(trainer_module, "constraint_advantages", recording)
+    original_logps = trainer_module.completion_logps
+    masks = []
+    monkeypatch.setattr(trainer_module, "completion_logps",
+                        lambda model, completions: masks.append(completions.completion_mask) or
+                        original_logps(model, completions))
+    trainer = make_trainer(tmp_path, [Constraint("length_tokens", min=2, max=5, name="length")], max_steps=2,
+                           objective_step_probability=0.0, reinforce_baseline="leave_one_out_per_token")
+    trainer.train()
+    assert [b for b, _ in seen] == ["leave_one_out_per_token"] * 2
+    for (_, lengths), mask in zip(seen, masks):
+        assert torch.equal(lengths, mask.sum(dim=1))
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))

@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 from l3m.constraints import parse_constraints
 from l3m.errors import L3MConfigError
 from l3m.solvers import SOLVERS
+from l3m.training.reinforce import BASELINES
 
 
 
@@ -42,7 +43,8 @@ class L3MConfig(TrainingArguments):
     ema_smoothing (`float`, defaults to `0.1`): weight of a new estimate in the EMA of each constraint value.
     objective_step_probability (`float`, defaults to `0.5`): probability that an optimizer step is an objective
         step rather than a constraint step (the fair coin of Sec. 5.4).
-    reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12.
+    reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12
+        (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates).
 
     > Learned multipliers (solvers ``mm`` and ``dual``)
 
@@ -104,7 +106,10 @@ class L3MConfig(TrainingArguments):
         default="leave_one_out",
         metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
                           "of the other responses to the same prompt, or of the batch when num_generations is 1; "
-                          "unbiased, lower variance) or 'none' (the paper's plain Monte-Carlo average)."},
+                          "lower variance, but with length-normalized log-likelihoods it shifts the expected "
+                          "gradient by a term in the response length), 'leave_one_out_per_token' (the same on the "
+                          "per-token violation c/|y|: keeps the paper's expectation) or 'none' (the paper's plain "
+                          "Monte-Carlo average)."},
     )
     dual_lr: float = field(
         default=0.05,
@@ -185,8 +190,8 @@ class L3MConfig(TrainingArguments):
         _check(0 < self.ema_smoothing <= 1, "ema_smoothing", f"must be in (0, 1], got {self.ema_smoothing}")
         _check(0 <= self.objective_step_probability <= 1, "objective_step_probability",
                f"must be in [0, 1], got {self.objective_step_probability}")
-        _check(self.reinforce_baseline in ("leave_one_out", "none"), "reinforce_baseline",
-               f"must be 'leave_one_out' or 'none', got {self.reinforce_baseline!r}")
+        _check(self.reinforce_baseline in BASELINES, "reinforce_baseline",
+               f"must be one of {', '.join(BASELINES)}, got {self.reinforce_baseline!r}")
         _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
         _check(self.multiplier_init >= 0, "multiplier_init", f"must be >= 0, got {self.multiplier_init}")
         _check(not self.dual_log_parametrization or self.multiplier_init > 0, "multiplier_init",

@@ -135,7 +135,7 @@ def plan_comparison(argv: list[str]):
     training_args, model_args)``: the data and the constraints are the same for every method. A method's fields
     are laid over the shared ones as flags after the user's, so they win."""
     from l3m.parsing import as_flags
-    from l3m.training.trainer import objective_step_count
+    from l3m.training.coin import objective_step_count
 
     parser = compare_parser()
     if "--config" not in argv and not {"-h", "--help"} & set(argv):

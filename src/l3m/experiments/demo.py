@@ -65,7 +65,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     """Train and evaluate every run; returns one result record per run and writes them as JSON."""
     from l3m.config import ModelConfig, ScriptArguments
     from l3m.loading import load_splits
-    from l3m.training.trainer import objective_step_count
+    from l3m.training.coin import objective_step_count
 
     started = time.time()
     splits = load_splits(ScriptArguments(dataset_name="demo", test_size=settings.test_size,

@@ -68,7 +68,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     from l3m.experiments.plots import RewardPairResult, plot_reward_pair_figure
     from l3m.loading import load_splits
     from l3m.rewards.models import ModelReward
-    from l3m.training.trainer import objective_step_count
+    from l3m.training.coin import objective_step_count
 
     started = time.time()
     rewards = {name: ModelReward(path, field=f"{name}_rm")

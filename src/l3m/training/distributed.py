@@ -4,7 +4,7 @@
   machine without GPUs and without ``use_cpu``) would train every process alone as rank 0; refuse it.
 - :func:`process_local_sampling`: responses are sampled with a different random stream on every process.
 
-The coin of Sec. 5.4 (:func:`l3m.training.trainer.is_constraint_step`) is a pure function of the seed and the step, so it is
+The coin of Sec. 5.4 (:func:`l3m.training.coin.is_constraint_step`) is a pure function of the seed and the step, so it is
 the same on every process without communication; the trainer gathers the per-response constraint values of all
 processes before they set multipliers (every process holds the same estimate and EMA); DDP/FSDP/DeepSpeed average the
 gradients (once) in ``backward``.

@@ -16,52 +16,38 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
-                             last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
-from l3m.config import L3MConfig
+from l3m.config import L3MConfig, ModelConfig
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              violations)
 from l3m.data import CompletionCollator, prepare_dataset
-from l3m.training.distributed import check_launch, process_local_sampling
 from l3m.errors import L3MConfigError, L3MTrainingStopped
-from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
-from l3m.solvers import build_solver
-from l3m.training.reinforce import constraint_advantages, reinforce_loss
+from l3m.loading import load_model_and_tokenizer, load_tokenizer
 from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
+from l3m.solvers import build_solver
+from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
+                                      last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
+from l3m.training.coin import is_constraint_step
+from l3m.training.distributed import check_launch, process_local_sampling
+from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
+from l3m.training.reinforce import constraint_advantages, reinforce_loss
 
 logger = logging.getLogger(__name__)
-
-
-def is_constraint_step(seed: int, step: int, objective_step_probability: float = 0.5) -> bool:
-    """The coin of Sec. 5.4 for optimizer step ``step``.
-
-    It is a pure function of ``(seed, step)``: identical across gradient-accumulation micro-batches and processes,
-    reproducible, and restored by a resumed run without any saved RNG state.
-    """
-    return random.Random(f"l3m-coin-{seed}-{step}").random() >= objective_step_probability
-
-
-def objective_step_count(seed: int, max_steps: int, objective_step_probability: float = 0.5) -> int:
-    """How many of ``max_steps`` optimizer steps the coin makes objective steps (an SFT run with as many steps
-    takes the same number of task-objective steps as a constrained run)."""
-    return sum(not is_constraint_step(seed, step, objective_step_probability) for step in range(max_steps))
 
 
 class L3MTrainer(Trainer):
     """Fine-tune a causal LM on task data subject to reward constraints, with the L3M log barrier.
 
     Args:
-        model: a `PreTrainedModel` or a model id / folder for ``AutoModelForCausalLM.from_pretrained``.
+        model: a `PreTrainedModel`, or a hub id / local folder / ``demo`` loaded by :mod:`l3m.loading` (float32).
         args: an :class:`l3m.L3MConfig`.
         train_dataset / eval_dataset: `datasets.Dataset` with ``messages`` or ``prompt``/``completion`` columns.
         processing_class: the tokenizer; loaded from the model's folder when omitted.
@@ -86,9 +72,10 @@ class L3MTrainer(Trainer):
             raise L3MConfigError("args: expected an l3m.L3MConfig (it carries the solver's fields)")
         check_launch(args)
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model, loaded_tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=model))
+            processing_class = processing_class or loaded_tokenizer
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = load_tokenizer(model.config._name_or_path)
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
         if peft_config is not None:
@@ -237,7 +224,8 @@ class L3MTrainer(Trainer):
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
                                            multipliers.to(device), args.reinforce_baseline,
-                                           group_size=args.num_generations)
+                                           group_size=args.num_generations,
+                                           lengths=completions.completion_mask.sum(dim=1))  # Eq. 12's |y|
         loss = reinforce_loss(advantages, completion_logps(model, completions))
 
         lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32, device=device)
