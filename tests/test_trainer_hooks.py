@@ -15,12 +15,14 @@ from transformers import Trainer, TrainerState
 
 from fixtures.tiny import make_examples
 from fixtures.trainers import Recorder, make_trainer
-from l3m import L3MTrainer
+from l3m import ConstrainedGRPOTrainer, L3MTrainer
 from l3m.training.checkpoints import TRAINER_STATE_NAME
+from l3m.training.solver_state import SolverTrainerMixin
 
 VERSION = f"transformers {transformers.__version__}"
 
-# The private Trainer methods L3MTrainer overrides (l3m/training/trainer.py), with the parameters it expects.
+# The private Trainer methods both constrained trainers override (SolverTrainerMixin, l3m/training/solver_state.py),
+# with the parameters they expect.
 OVERRIDDEN = {"_save_checkpoint": ["self", "model", "trial"], "_get_output_dir": ["self", "trial"]}
 
 
@@ -29,7 +31,9 @@ def test_the_private_methods_l3m_overrides_keep_their_signature(name):
     method = getattr(Trainer, name, None)
     assert method is not None, (f"{VERSION} has no Trainer.{name}, which L3MTrainer overrides to save checkpoints "
                                 "atomically: rework L3MTrainer._save_checkpoint")
-    assert name in vars(L3MTrainer), f"L3MTrainer no longer overrides {name}: update OVERRIDDEN"
+    assert name in vars(SolverTrainerMixin), f"SolverTrainerMixin no longer overrides {name}: update OVERRIDDEN"
+    assert getattr(L3MTrainer, name) is getattr(SolverTrainerMixin, name)
+    assert getattr(ConstrainedGRPOTrainer, name) is getattr(SolverTrainerMixin, name)
     parameters = list(inspect.signature(method).parameters)
     assert parameters == OVERRIDDEN[name], (
         f"{VERSION} changed Trainer.{name}{inspect.signature(method)}; L3MTrainer overrides it as "

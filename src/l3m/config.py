@@ -20,9 +20,107 @@ from l3m.solvers import SOLVERS
 from l3m.training.reinforce import BASELINES
 
 
+@dataclass
+class SolverConfig:
+    """The constraints and the solver that weights them: the fields :class:`L3MConfig` (SFT objective) and
+    :class:`l3m.ConstrainedGRPOConfig` (reward objective) share, with the same names and meanings."""
+
+    solver: str = field(
+        default="l3m",
+        metadata={"help": "Where the constraint multipliers come from: 'l3m' (log barrier, Sec. 5), 'mm' (minimax "
+                          "Lagrangian: projected dual ascent after every constraint step), 'dual' (iterative dual: "
+                          "multipliers fixed for dual_update_steps constraint steps, then one dual step), 'fixed' "
+                          "(multiplier_init for every constraint, never updated: a hand-weighted penalty) or 'sft' "
+                          "(ignore the constraints: plain SFT)."},
+    )
+    constraints: list[dict] | str | None = field(
+        default=None,
+        metadata={"help": "Constraint records, e.g. [{name: length, reward: length_tokens, min: 20, max: 40}]. "
+                          "On the command line: a YAML/JSON string. Empty means plain SFT."},
+    )
+    mu_init: float = field(default=1.0, metadata={"help": "Initial log-barrier parameter mu (App. A: 1)."})
+    mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter mu (App. A: 1e-6)."})
+    ema_smoothing: float = field(
+        default=0.1, metadata={"help": "Weight of the newest estimate in the EMA of each constraint value (Sec. 5.4)."}
+    )
+    dual_lr: float = field(
+        default=0.05,
+        metadata={"help": "Solvers mm/dual: dual step size, lambda <- max(0, lambda + dual_lr * C) with C the measured "
+                          "constraint value (> 0 violated). MM is sensitive to it (Sec. 6.3)."},
+    )
+    multiplier_init: float = field(
+        default=0.0, metadata={"help": "Solvers mm/dual: initial multipliers (> 0 with dual_log_parametrization)."}
+    )
+    multiplier_max: float | None = field(
+        default=None, metadata={"help": "Solvers mm/dual: cap on the multipliers; unset means no cap."}
+    )
+    dual_warmup_steps: int = field(
+        default=0, metadata={"help": "Solver mm: no dual update during the first this many constraint steps."}
+    )
+    dual_log_parametrization: bool = field(
+        default=False,
+        metadata={"help": "Solver mm: learn log(lambda) instead, log(lambda) <- log(lambda) + dual_lr * C, as "
+                          "Safe-RLHF's PPO-Lag does (lambda stays positive without projection; needs "
+                          "multiplier_init > 0)."},
+    )
+    dual_ema_smoothing: float = field(
+        default=1.0,
+        metadata={"help": "Solver mm: weight of the newest estimate in the EMA of each constraint value that drives "
+                          "the dual step; 1.0 uses the step's own estimate."},
+    )
+    dual_update_steps: int = field(
+        default=10,
+        metadata={"help": "Solver dual: constraint steps per outer iteration (multipliers fixed within it; one dual "
+                          "step on the iteration's mean estimate at its end)."},
+    )
+    dual_warm_start: bool = field(
+        default=False,
+        metadata={"help": "Solver dual: start from lambda = dual_lr * max(0, C) of the first estimate instead of "
+                          "multiplier_init (a one-step simplification of the paper's one-shot dual)."},
+    )
+    max_consecutive_skipped_steps: int = field(
+        default=5,
+        metadata={"help": "Stop training (saving a checkpoint of the last good weights) after this many optimizer "
+                          "steps in a row were skipped for a non-finite loss, gradient or reward."},
+    )
+    infeasibility_patience: int = field(
+        default=100,
+        metadata={"help": "Warn that a constraint may be infeasible when its smoothed value stays violated (its "
+                          "multiplier at the cap) for this many constraint steps in a row."},
+    )
+
+    def _check_solver_fields(self, solvers: tuple[str, ...]) -> None:
+        """Parse the constraints and check every solver field, naming the field in the error."""
+        if isinstance(self.constraints, str):
+            try:
+                self.constraints = yaml.safe_load(self.constraints)
+            except yaml.YAMLError as err:
+                raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
+        self.parsed_constraints = parse_constraints(self.constraints)
+        _check_field_types(self, SolverConfig)
+        _check(self.solver in solvers, "solver", f"must be one of {', '.join(solvers)}, got {self.solver!r}")
+        _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
+        _check(0 < self.mu_final < self.mu_init, "mu_final",
+               f"must be in (0, mu_init={self.mu_init}) so that mu decays, got {self.mu_final}")
+        _check(0 < self.ema_smoothing <= 1, "ema_smoothing", f"must be in (0, 1], got {self.ema_smoothing}")
+        _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
+        _check(self.multiplier_init >= 0, "multiplier_init", f"must be >= 0, got {self.multiplier_init}")
+        _check(not self.dual_log_parametrization or self.multiplier_init > 0, "multiplier_init",
+               f"must be > 0 with dual_log_parametrization (log lambda starts at its log), got {self.multiplier_init}")
+        _check(self.multiplier_max is None or self.multiplier_max >= self.multiplier_init, "multiplier_max",
+               f"must be >= multiplier_init={self.multiplier_init}, got {self.multiplier_max}")
+        _check(self.dual_warmup_steps >= 0, "dual_warmup_steps", f"must be >= 0, got {self.dual_warmup_steps}")
+        _check(0 < self.dual_ema_smoothing <= 1, "dual_ema_smoothing",
+               f"must be in (0, 1], got {self.dual_ema_smoothing}")
+        _check(self.dual_update_steps >= 1, "dual_update_steps", f"must be >= 1, got {self.dual_update_steps}")
+        _check(self.max_consecutive_skipped_steps >= 1, "max_consecutive_skipped_steps",
+               f"must be >= 1, got {self.max_consecutive_skipped_steps}")
+        _check(self.infeasibility_patience >= 1, "infeasibility_patience",
+               f"must be >= 1, got {self.infeasibility_patience}")
+
 
 @dataclass
-class L3MConfig(TrainingArguments):
+class L3MConfig(SolverConfig, TrainingArguments):
     r"""Configuration of :class:`l3m.L3MTrainer`: `transformers.TrainingArguments` plus the solver's fields.
 
     > Solver
@@ -79,24 +177,6 @@ class L3MConfig(TrainingArguments):
     prompt columns), ``save_strategy="no"``.
     """
 
-    solver: str = field(
-        default="l3m",
-        metadata={"help": "Where the constraint multipliers come from: 'l3m' (log barrier, Sec. 5), 'mm' (minimax "
-                          "Lagrangian: projected dual ascent after every constraint step), 'dual' (iterative dual: "
-                          "multipliers fixed for dual_update_steps constraint steps, then one dual step), 'fixed' "
-                          "(multiplier_init for every constraint, never updated: a hand-weighted penalty) or 'sft' "
-                          "(ignore the constraints: plain SFT)."},
-    )
-    constraints: list[dict] | str | None = field(
-        default=None,
-        metadata={"help": "Constraint records, e.g. [{name: length, reward: length_tokens, min: 20, max: 40}]. "
-                          "On the command line: a YAML/JSON string. Empty means plain SFT."},
-    )
-    mu_init: float = field(default=1.0, metadata={"help": "Initial log-barrier parameter mu (App. A: 1)."})
-    mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter mu (App. A: 1e-6)."})
-    ema_smoothing: float = field(
-        default=0.1, metadata={"help": "Weight of the newest estimate in the EMA of each constraint value (Sec. 5.4)."}
-    )
     objective_step_probability: float = field(
         default=0.5,
         metadata={"help": "Probability that an optimizer step is an objective (SFT) step; otherwise it is a "
@@ -111,41 +191,6 @@ class L3MConfig(TrainingArguments):
                           "per-token violation c/|y|: keeps the paper's expectation) or 'none' (the paper's plain "
                           "Monte-Carlo average)."},
     )
-    dual_lr: float = field(
-        default=0.05,
-        metadata={"help": "Solvers mm/dual: dual step size, lambda <- max(0, lambda + dual_lr * C) with C the measured "
-                          "constraint value (> 0 violated). MM is sensitive to it (Sec. 6.3)."},
-    )
-    multiplier_init: float = field(
-        default=0.0, metadata={"help": "Solvers mm/dual: initial multipliers (> 0 with dual_log_parametrization)."}
-    )
-    multiplier_max: float | None = field(
-        default=None, metadata={"help": "Solvers mm/dual: cap on the multipliers; unset means no cap."}
-    )
-    dual_warmup_steps: int = field(
-        default=0, metadata={"help": "Solver mm: no dual update during the first this many constraint steps."}
-    )
-    dual_log_parametrization: bool = field(
-        default=False,
-        metadata={"help": "Solver mm: learn log(lambda) instead, log(lambda) <- log(lambda) + dual_lr * C, as "
-                          "Safe-RLHF's PPO-Lag does (lambda stays positive without projection; needs "
-                          "multiplier_init > 0)."},
-    )
-    dual_ema_smoothing: float = field(
-        default=1.0,
-        metadata={"help": "Solver mm: weight of the newest estimate in the EMA of each constraint value that drives "
-                          "the dual step; 1.0 uses the step's own estimate."},
-    )
-    dual_update_steps: int = field(
-        default=10,
-        metadata={"help": "Solver dual: constraint steps per outer iteration (multipliers fixed within it; one dual "
-                          "step on the iteration's mean estimate at its end)."},
-    )
-    dual_warm_start: bool = field(
-        default=False,
-        metadata={"help": "Solver dual: start from lambda = dual_lr * max(0, C) of the first estimate instead of "
-                          "multiplier_init (a one-step simplification of the paper's one-shot dual)."},
-    )
     num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt in a constraint step."})
     max_completion_length: int = field(
         default=64, metadata={"help": "Maximum new tokens per sampled response (max_new_tokens)."}
@@ -153,16 +198,6 @@ class L3MConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only)."})
-    max_consecutive_skipped_steps: int = field(
-        default=5,
-        metadata={"help": "Stop training (saving a checkpoint of the last good weights) after this many optimizer "
-                          "steps in a row were skipped for a non-finite loss, gradient or reward."},
-    )
-    infeasibility_patience: int = field(
-        default=100,
-        metadata={"help": "Warn that a constraint may be infeasible when its smoothed value stays violated (its "
-                          "multiplier at the cap) for this many constraint steps in a row."},
-    )
     max_length: int = field(
         default=512, metadata={"help": "Examples whose prompt plus response exceed this many tokens are dropped."}
     )
@@ -176,42 +211,18 @@ class L3MConfig(TrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy: 'no', 'steps' or 'epoch'."})
 
     def __post_init__(self):
-        if isinstance(self.constraints, str):
-            try:
-                self.constraints = yaml.safe_load(self.constraints)
-            except yaml.YAMLError as err:
-                raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
-        self.parsed_constraints = parse_constraints(self.constraints)
-        self._check_types()
-        _check(self.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
-        _check(0 < self.mu_final < self.mu_init, "mu_final",
-               f"must be in (0, mu_init={self.mu_init}) so that mu decays, got {self.mu_final}")
-        _check(0 < self.ema_smoothing <= 1, "ema_smoothing", f"must be in (0, 1], got {self.ema_smoothing}")
+        self._check_solver_fields(SOLVERS)
+        _check_field_types(self, L3MConfig)
         _check(0 <= self.objective_step_probability <= 1, "objective_step_probability",
                f"must be in [0, 1], got {self.objective_step_probability}")
         _check(self.reinforce_baseline in BASELINES, "reinforce_baseline",
                f"must be one of {', '.join(BASELINES)}, got {self.reinforce_baseline!r}")
-        _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
-        _check(self.multiplier_init >= 0, "multiplier_init", f"must be >= 0, got {self.multiplier_init}")
-        _check(not self.dual_log_parametrization or self.multiplier_init > 0, "multiplier_init",
-               f"must be > 0 with dual_log_parametrization (log lambda starts at its log), got {self.multiplier_init}")
-        _check(self.multiplier_max is None or self.multiplier_max >= self.multiplier_init, "multiplier_max",
-               f"must be >= multiplier_init={self.multiplier_init}, got {self.multiplier_max}")
-        _check(self.dual_warmup_steps >= 0, "dual_warmup_steps", f"must be >= 0, got {self.dual_warmup_steps}")
-        _check(0 < self.dual_ema_smoothing <= 1, "dual_ema_smoothing",
-               f"must be in (0, 1], got {self.dual_ema_smoothing}")
-        _check(self.dual_update_steps >= 1, "dual_update_steps", f"must be >= 1, got {self.dual_update_steps}")
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
         _check(self.max_completion_length >= 1, "max_completion_length",
                f"must be >= 1, got {self.max_completion_length}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
-        _check(self.max_consecutive_skipped_steps >= 1, "max_consecutive_skipped_steps",
-               f"must be >= 1, got {self.max_consecutive_skipped_steps}")
-        _check(self.infeasibility_patience >= 1, "infeasibility_patience",
-               f"must be >= 1, got {self.infeasibility_patience}")
         _check(self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
         _check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",
@@ -222,31 +233,33 @@ class L3MConfig(TrainingArguments):
                "must be False: the trainer needs its prompt and completion columns")
         super().__post_init__()
 
-    def _check_types(self) -> None:
-        """The scalar fields this class declares hold values of their type (ints may stand for floats, None for an
-        optional field); floats are finite. The types come from the resolved annotations (HfArgumentParser resolves
-        a dataclass's field types in place, so ``Field.type`` may be a string or a type)."""
-        hints = typing.get_type_hints(L3MConfig)
-        for name in L3MConfig.__annotations__:
-            hint, optional = hints[name], False
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                args = [a for a in typing.get_args(hint) if a is not type(None)]
-                hint, optional = (args[0], len(args) < len(typing.get_args(hint))) if len(args) == 1 else (None, False)
-            if hint not in _SCALAR_TYPES:
-                continue
-            value, (expected, description) = getattr(self, name), _SCALAR_TYPES[hint]
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-                raise L3MConfigError(f"{name}: expected {description}, got {value!r}")
-            if float in expected and not isinstance(value, bool):
-                _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
-                setattr(self, name, float(value))
-
 
 # the scalar field types of L3MConfig: accepted Python values, and how an error names them
 _SCALAR_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"), bool: ((bool,), "true or false"),
                  float: ((int, float), "a number")}
+
+
+def _check_field_types(config, cls) -> None:
+    """The scalar fields ``cls`` declares hold values of their type (ints may stand for floats, None for an
+    optional field); floats are finite. The types come from the resolved annotations (HfArgumentParser resolves
+    a dataclass's field types in place, so ``Field.type`` may be a string or a type)."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__annotations__:
+        hint, optional = hints[name], False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint, optional = (args[0], len(args) < len(typing.get_args(hint))) if len(args) == 1 else (None, False)
+        if hint not in _SCALAR_TYPES:
+            continue
+        value, (expected, description) = getattr(config, name), _SCALAR_TYPES[hint]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            raise L3MConfigError(f"{name}: expected {description}, got {value!r}")
+        if float in expected and not isinstance(value, bool):
+            _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
+            setattr(config, name, float(value))
+
 
 
 @dataclass

@@ -17,27 +17,22 @@ checkpoint (``l3m_state.json``) and restored on resume. docs/grpo.md explains th
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
 
 import torch
 from accelerate.utils import gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              violations)
-from l3m.errors import L3MConfigError, L3MDataError, L3MTrainingStopped
-from l3m.files import write_json
+from l3m.errors import L3MConfigError, L3MDataError
 from l3m.rewards import resolve_reward
 from l3m.rewards.models import place_reward_models
 from l3m.solvers import build_solver
-from l3m.training.checkpoints import SOLVER_STATE_NAME, StopSignals, check_resumable, last_complete_checkpoint
 from l3m.training.grpo_config import ConstrainedGRPOConfig
 from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
+from l3m.training.solver_state import SolverTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +95,7 @@ class _ConstraintColumn:
         return self.batch.columns[:, self.index].tolist()
 
 
-class ConstrainedGRPOTrainer(GRPOTrainer):
+class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
     r"""GRPO on :math:`r_0 - \sum_i \lambda_i c_i` with :math:`\lambda` from an l3m solver.
 
     Args:
@@ -144,7 +139,6 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (estimate, lambda, satisfied)
-        self._stop_signals: StopSignals | None = None
 
     def _objective(self, specs) -> list:
         """The objective's reward functions: l3m specs resolved and adapted to l3m's inputs, the rest as given."""
@@ -229,15 +223,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         if self.bounds:
             for key, value in self.solver.step_metrics(step, self.state.max_steps).items():
                 metrics[key].append(value)
-        signalled = self._stop_signals is not None and self._stop_signals.received is not None
-        if self._on_any_process(signalled or self.guard.exhausted):
-            self.control.should_save = True  # the Trainer saves after this step's update, then stops
-            self.control.should_training_stop = True
-
-    def _on_any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device)).max() > 0)
+        self._stop_requested()
 
     # Overridden to add the solver's smoothed estimates and state to the training logs.
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -249,71 +235,5 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             logs["train/skipped_steps"] = self.guard.skipped
         super().log(logs, start_time)
 
-    def solver_state(self) -> dict:
-        """Everything the solver and the guards change during training, saved beside each checkpoint."""
-        return {"trainer": "grpo", "solver": self.args.solver, "multipliers": self.solver.state_dict(),
-                "global_step": self.state.global_step, "constraints": [b.name for b in self.bounds],
-                "guard": self.guard.state_dict(), "infeasibility": self.infeasibility.state_dict()}
-
-    # Overridden to write the solver state into the checkpoint folder first: the Trainer writes trainer_state.json
-    # last, so a folder with it also has l3m_state.json (resume skips folders without either).
-    def _save_checkpoint(self, model, trial):
-        if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json(os.path.join(self._get_output_dir(trial=trial), name, SOLVER_STATE_NAME), self.solver_state())
-        super()._save_checkpoint(model, trial)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Train; ``resume_from_checkpoint`` (a folder, or True for the last complete one) also restores the solver
-        state. SIGTERM/SIGINT save a checkpoint after the current optimizer step and raise
-        :class:`l3m.L3MTrainingStopped`, as do ``max_consecutive_skipped_steps`` non-finite steps in a row."""
-        checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
-        if checkpoint:
-            self._load_solver_state(checkpoint)
-        with StopSignals() as signals:
-            self._stop_signals = signals
-            try:
-                output = super().train(resume_from_checkpoint=checkpoint, **kwargs)
-            finally:
-                self._stop_signals = None
-        for line in self.infeasibility.summary():
-            logger.log(logging.INFO if ": satisfied " in line else logging.WARNING, "Constraint %s", line)
-        saved = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.guard.exhausted:
-            raise L3MTrainingStopped(
-                f"max_consecutive_skipped_steps: {self.guard.consecutive} optimizer steps in a row had a non-finite "
-                f"loss, gradient or reward (last: {self.guard.last_reason}); stopped and saved {saved}; fix the "
-                "reward or lower learning_rate, then resume from it")
-        if signals.received is not None and self.state.global_step < self.state.max_steps:
-            raise L3MTrainingStopped(f"{signal.Signals(signals.received).name}: stopped at step "
-                                     f"{self.state.global_step} of {self.state.max_steps} and saved {saved}; resume "
-                                     "with resume_from_checkpoint=true", signum=signals.received)
-        return output
-
-    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str)
-                                              and resume_from_checkpoint.lower() in ("true", "last")):
-            folder = last_complete_checkpoint(self.args.output_dir, require_solver_state=bool(self.bounds))
-            if folder is None:
-                raise L3MConfigError(f"resume_from_checkpoint: no complete checkpoint found in {self.args.output_dir}")
-            return folder
-        if not resume_from_checkpoint:
-            return None
-        check_resumable(resume_from_checkpoint, require_solver_state=bool(self.bounds))
-        return resume_from_checkpoint
-
-    def _load_solver_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, SOLVER_STATE_NAME)
-        if not os.path.exists(path):  # a plain GRPOTrainer checkpoint, accepted for runs without constraints
-            return
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state["constraints"] != [b.name for b in self.bounds]:
-            raise L3MConfigError(f"constraints: the checkpoint was trained with {state['constraints']}, not "
-                                 f"{[b.name for b in self.bounds]}")
-        if state["solver"] != self.args.solver:
-            raise L3MConfigError(f"solver: the checkpoint was trained with solver {state['solver']!r}, "
-                                 f"not {self.args.solver!r}")
-        self.solver.load_state_dict(state["multipliers"])
-        self.guard.load_state_dict(state["guard"])
-        self.infeasibility.load_state_dict(state["infeasibility"])
+    def solver_state_extras(self) -> dict:
+        return {"trainer": "grpo"}
