@@ -196,13 +196,7 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
     # Overridden to close each optimizer step (after the last micro-batch's backward, before clipping and the
     # optimizer): skip it if anything was non-finite, else fold its constraint estimate into the solver.
     def training_step(self, model, inputs, num_items_in_batch=None):
-        step = self.state.global_step
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            self.guard.flag("loss")
-        if self.accelerator.sync_gradients:
-            self._end_optimizer_step(model, step)
-        return loss
+        return self._guarded_training_step(model, inputs, num_items_in_batch, self.state.global_step)
 
     def _end_optimizer_step(self, model, step: int) -> None:
         skip = self._on_any_process(self.guard.pending or not gradients_are_finite(model.parameters()))

@@ -37,6 +37,16 @@ class SolverTrainerMixin:
             return flag
         return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device)).max() > 0)
 
+    def _guarded_training_step(self, model, inputs, num_items_in_batch, step: int):
+        """The Trainer's training step on one micro-batch; a non-finite loss flags the optimizer step, and after the
+        last micro-batch (before clipping and the optimizer) the trainer's ``_end_optimizer_step`` closes it."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            self.guard.flag("loss")
+        if self.accelerator.sync_gradients:
+            self._end_optimizer_step(model, step)
+        return loss
+
     def _stop_requested(self) -> bool:
         """Whether a SIGTERM/SIGINT arrived or too many steps in a row were skipped, on any process: the Trainer
         then saves after this step's update, and stops."""

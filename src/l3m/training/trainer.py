@@ -127,12 +127,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self._constraint_step = bool(self.bounds) and is_constraint_step(
             self.args.seed, step, self.args.objective_step_probability
         )
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            self.guard.flag("loss")
-        if self.accelerator.sync_gradients:
-            self._end_optimizer_step(model, step)
-        return loss
+        return self._guarded_training_step(model, inputs, num_items_in_batch, step)
 
     def _end_optimizer_step(self, model, step: int) -> None:
         """Skip the step if anything in it was non-finite, else fold its constraint estimate into the solver state
