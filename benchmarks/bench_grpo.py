@@ -19,7 +19,6 @@ repeats; with ``--threads 1`` (default) that is the wall time of an unshared cor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_steps import StepTimer, _load_causal_lm, _model_and_data, model_folder, peak_rss_mb  # noqa: E402
+from bench_steps import (StepTimer, _load_causal_lm, _model_and_data, common_parser, model_folder,  # noqa: E402
+                         peak_rss_mb)
 
 CONFIGS = ["trl-grpo", "l3m-grpo"]
 LABELS = {"trl-grpo": "trl.GRPOTrainer", "l3m-grpo": "l3m ConstrainedGRPOTrainer (l3m)"}
@@ -37,18 +37,8 @@ BUDGET = 8.0  # tokens
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="demo", help="'demo' (default), 'tiny', or a local model folder")
-    parser.add_argument("--batch", type=int, default=4, help="prompts per step (B)")
-    parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (G)")
-    parser.add_argument("--max-completion-length", type=int, default=24, help="cap on sampled tokens")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per run (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser = common_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -50,20 +50,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The options every step benchmark takes (this one and bench_grpo.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="demo", help="'demo' (default), 'tiny', or a local model folder")
     parser.add_argument("--batch", type=int, default=4, help="prompts per step (B)")
     parser.add_argument("--num-generations", type=int, default=4, help="samples per prompt (G)")
     parser.add_argument("--max-completion-length", type=int, default=24, help="cap on sampled tokens")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--beta", type=float, default=0.04, help="TRL's KL coefficient for the beta>0 row")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration (default 1)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = common_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--beta", type=float, default=0.04, help="TRL's KL coefficient for the beta>0 row")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     return parser.parse_args(argv)
 
 
