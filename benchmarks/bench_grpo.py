@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_steps import (StepTimer, _load_causal_lm, _model_and_data, common_parser, model_folder,  # noqa: E402
-                         peak_rss_mb)
+                         peak_rss_mb, run_config)
 
 CONFIGS = ["trl-grpo", "l3m-grpo"]
 LABELS = {"trl-grpo": "trl.GRPOTrainer", "l3m-grpo": "l3m ConstrainedGRPOTrainer (l3m)"}
@@ -79,16 +77,6 @@ def run(args, constrained: bool) -> dict:
             "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_config(name: str, args, path: str, argv: list[str]) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--model-path", path]
-    started = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
-    print(f"  {name}: done in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     out = {}
@@ -130,7 +118,7 @@ def main(argv=None) -> int:
         runs = {name: [] for name in CONFIGS}
         for _ in range(args.repeats):
             for name in CONFIGS:
-                runs[name].append(run_config(name, args, path, argv))
+                runs[name].append(run_config(name, args, path, argv, script=__file__))
     for plain, ours in zip(runs["trl-grpo"], runs["l3m-grpo"]):
         assert plain["mean_length"] == ours["mean_length"], "the two trainers sampled different completions"
     summary = summarize(runs)

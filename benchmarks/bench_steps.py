@@ -280,8 +280,9 @@ def model_folder(args, scratch: str) -> str:
     return args.model
 
 
-def run_config(name: str, args, path: str, argv: list[str]) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--model-path", path]
+def run_config(name: str, args, path: str, argv: list[str], script: str = __file__) -> dict:
+    """Run configuration ``name`` in its own process of ``script`` (a worker), with ``args.threads`` threads."""
+    command = [sys.executable, os.path.abspath(script), *argv, "--worker", name, "--model-path", path]
     started = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
