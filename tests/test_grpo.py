@@ -15,7 +15,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from fixtures.tiny import build_model, build_tokenizer, make_examples
 from fixtures.trainers import Recorder, copy_weights, same_weights
-from l3m import Constraint, L3MConfigError, L3MDataError, L3MTrainingStopped
+from l3m import Constraint, L3MConfigError, L3MDataError
 from l3m.rewards import length_words
 from l3m.solvers import FixedSolver
 from l3m.training.checkpoints import SOLVER_STATE_NAME
