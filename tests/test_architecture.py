@@ -83,12 +83,14 @@ def test_l3m_modules_import_each_other_without_cycles():
 @pytest.mark.parametrize("layer, lower", [
     ("l3m.cli", ()),
     ("l3m.experiments", ("l3m.cli",)),
-    ("l3m.training", ("l3m.cli", "l3m.experiments")),
-    ("l3m.solvers", ("l3m.cli", "l3m.experiments", "l3m.training", "l3m.rewards", "l3m.sampling")),
-    ("l3m.constraints", ("l3m.cli", "l3m.experiments", "l3m.training", "l3m.solvers")),
+    ("l3m.training", ("l3m.cli", "l3m.experiments", "l3m.alignment")),
+    ("l3m.alignment", ("l3m.cli", "l3m.experiments", "l3m.training")),
+    ("l3m.solvers", ("l3m.cli", "l3m.experiments", "l3m.training", "l3m.alignment", "l3m.rewards", "l3m.sampling")),
+    ("l3m.constraints", ("l3m.cli", "l3m.experiments", "l3m.training", "l3m.alignment", "l3m.solvers")),
 ])
 def test_imports_go_one_way(layer, lower):
-    """command line -> experiments -> training -> solvers / rewards / sampling -> constraints, errors."""
+    """command line -> experiments -> training | alignment -> solvers / rewards / sampling -> constraints, errors.
+    Training and alignment sit side by side: neither imports the other."""
     for module, targets in import_graph().items():
         if module == layer or module.startswith(layer + "."):
             upward = sorted(t for t in targets for up in lower if t == up or t.startswith(up + "."))

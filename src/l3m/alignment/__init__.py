@@ -1,0 +1,12 @@
+"""Constrained alignment by dualization (CAID, Zhang et al. 2025): the one-shot dual, pseudo-preference DPO at fixed
+multipliers, and the iterative dual loop. See docs/alignment.md.
+
+- :mod:`l3m.alignment.dual`: the dual function, its minimizer, the dual step and the pseudo-preference pairs (pure
+  functions, float64).
+"""
+
+from l3m.alignment.dual import (DualSolution, dual_objective, dual_step, pseudo_preference_pairs, solve_one_shot_dual,
+                                tilted_mean, tilted_weights)
+
+__all__ = ["DualSolution", "dual_objective", "dual_step", "pseudo_preference_pairs", "solve_one_shot_dual",
+           "tilted_mean", "tilted_weights"]
