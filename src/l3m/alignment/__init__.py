@@ -4,7 +4,7 @@ multipliers, and the iterative dual loop. See docs/alignment.md.
 - :mod:`l3m.alignment.dual`: the dual function, its minimizer, the dual step and the pseudo-preference pairs (pure
   functions, float64).
 - :mod:`l3m.alignment.policy`: the policy step at fixed multipliers, DPO (TRL's ``DPOTrainer``) on pseudo-preference
-  pairs, reference :math:`\pi_\mathrm{ref}`.
+  pairs, reference pi_ref.
 """
 
 from l3m.alignment.dual import (DualSolution, dual_objective, dual_step, pseudo_preference_pairs, solve_one_shot_dual,
