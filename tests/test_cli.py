@@ -99,7 +99,9 @@ def test_eval_writes_a_summary_with_the_constraints(trained, tmp_path, capsys):
         assert key in summary, key
     assert summary["num_examples"] > 0 and summary["log_ppl_mean"] > 0
     assert isinstance(summary["length/satisfied"], bool)
-    assert json.loads(capsys.readouterr().out.split("\nWrote ")[0]) == summary  # the summary is printed too
+    out = capsys.readouterr().out
+    assert json.JSONDecoder().raw_decode(out)[0] == summary  # the summary is printed too, then for people:
+    assert f"constraint length: {summary['length/mean']:.4g} ± {summary['length/se']:.2g}" in out
 
 
 # ---- bad inputs: exit code 2, one line `l3m: error: <field>: ...` on stderr, the output folder untouched ----

@@ -42,13 +42,13 @@ def cmd_train(argv: list[str], grpo: bool = False) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from l3m.config import EvalArguments
-    from l3m.evaluation import evaluate_saved_model
+    from l3m.evaluation import evaluate_saved_model, format_summary, is_grpo_config
 
-    *args, eval_args = parse_train_args(argv, EvalArguments, prog="l3m eval", description="Task log-perplexity and "
-                                        "constraint rewards of a saved model on the test split.")
+    *args, eval_args = parse_train_args(argv, EvalArguments, prog="l3m eval", grpo=is_grpo_config(argv), description=(
+        "Task log-perplexity and constraint rewards of a saved model on the test split; with a GRPO config (one that "
+        "sets reward), the objective reward; with --reference, the KL to a reference model."))
     result, path = evaluate_saved_model(*args, eval_args)
-    print(json.dumps(result["summary"], indent=2))
-    print(f"Wrote {path}")
+    print(f"{json.dumps(result['summary'], indent=2)}\n{format_summary(result['summary'])}\nWrote {path}")
     return 0
 
 
@@ -121,7 +121,7 @@ USAGE = """usage: l3m {train,grpo,eval,compare,demo,reward} [--config FILE.yaml]
 
   train    fine-tune a model under reward constraints (L3M); plain SFT without constraints
   grpo     GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
-  eval     task log-perplexity and constraint rewards of a saved model on the test split
+  eval     a saved model on the test split: log-perplexity, constraint (and objective) rewards, KL to a reference
   compare  train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
   demo     the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
   reward   train / build-standin / experiment: preference reward models and the offline HH stand-in

@@ -295,6 +295,12 @@ class EvalArguments:
     output: str | None = field(
         default=None, metadata={"help": "Where to write the result JSON; default: eval_results.json in the model's folder."}
     )
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "Also report the KL(model || reference) in nats per response on the held-out prompts: a "
+                          "model folder or hub id with the model's tokenizer, 'demo', or 'base' (the base model of a "
+                          "LoRA adapter: the same weights with the adapter disabled, no second copy)."},
+    )
 
     def __post_init__(self):
         _check(bool(self.model), "--model", "required (the folder of a saved model)")

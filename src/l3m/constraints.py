@@ -212,33 +212,41 @@ def compute_rewards(
     allow_nonfinite: bool = False,
     **reward_kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Score ``N`` responses once per constraint; returns ``{name: (N,) rewards}``.
+    """Score ``N`` responses once per constraint (:func:`score_responses`); returns ``{name: (N,) rewards}``.
 
-    A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`.
-    NaN or inf are an error too unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
+    NaN or inf are an error unless ``allow_nonfinite`` (the trainer's choice: such a value is a numerical event,
     and the step is skipped and counted, :mod:`l3m.training.guards`). ``reward_kwargs`` are passed on to every reward function
     (the trainer passes ``trainer_state``, as TRL does).
     """
-    rewards = {}
+    return {c.name: score_responses(c.reward_func, f"constraints[{c.name}].reward", prompts, completions,
+                                    completion_ids, allow_nonfinite, **reward_kwargs) for c in constraints}
+
+
+def score_responses(
+    reward_func: RewardFunc, where: str, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+    allow_nonfinite: bool = False,
+    **reward_kwargs,
+) -> torch.Tensor:
+    """``(N,)`` rewards of ``N`` responses: ``reward_func`` called with l3m's keyword arguments and its output checked.
+
+    A reward function that returns the wrong count, ``None`` or non-numbers has a bug: :class:`L3MConfigError`
+    naming ``where`` (the field that set the reward). NaN or inf are an error too unless ``allow_nonfinite``.
+    """
     n = len(completions)
-    for constraint in constraints:
-        values = constraint.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                        **reward_kwargs)
-        where = f"constraints[{constraint.name}].reward"
-        if values is None or not hasattr(values, "__len__") or len(values) != n:
-            got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
-            raise L3MConfigError(f"{where}: the reward function returned {got}; expected a list of {n} numbers")
-        bad = [v for v in values if isinstance(v, (str, bytes, bool)) or v is None]
-        if bad:
-            raise L3MConfigError(f"{where}: the reward function returned a non-number ({bad[0]!r})")
-        try:
-            tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
-        except (TypeError, ValueError) as err:
-            raise L3MConfigError(f"{where}: the reward function returned a non-number ({err})") from err
-        if not allow_nonfinite and not torch.isfinite(tensor).all():
-            raise L3MConfigError(f"{where}: the reward function returned NaN or inf")
-        rewards[constraint.name] = tensor
-    return rewards
+    values = reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **reward_kwargs)
+    if values is None or not hasattr(values, "__len__") or len(values) != n:
+        got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
+        raise L3MConfigError(f"{where}: the reward function returned {got}; expected a list of {n} numbers")
+    bad = [v for v in values if isinstance(v, (str, bytes, bool)) or v is None]
+    if bad:
+        raise L3MConfigError(f"{where}: the reward function returned a non-number ({bad[0]!r})")
+    try:
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise L3MConfigError(f"{where}: the reward function returned a non-number ({err})") from err
+    if not allow_nonfinite and not torch.isfinite(tensor).all():
+        raise L3MConfigError(f"{where}: the reward function returned NaN or inf")
+    return tensor
 
 
 def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
