@@ -4,13 +4,12 @@ the reference, and the reference DPO compares against stays pi_ref (full fine-tu
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from trl import DPOConfig
 
 from fixtures.tiny import build_model, build_tokenizer, make_examples
+from fixtures.trainers import copy_weights, same_weights
 from l3m.alignment import pseudo_preference_pairs
 from l3m.alignment.policy import dpo_policy_step, preference_dataset, sequence_logps
 from l3m.data import left_pad
@@ -68,11 +67,16 @@ def test_a_dpo_step_at_fixed_multipliers_raises_the_margin_of_the_chosen_respons
     reference = build_model(tokenizer)
     dataset, completions, chosen, rejected = scored_pairs(reference, tokenizer)
     ref_logps = sequence_logps(reference, completions)
-    policy = dpo_policy_step(copy.deepcopy(reference), tokenizer, dataset, dpo_args(tmp_path),
-                             ref_model=reference)
+    weights = copy_weights(reference)
+    policy = dpo_policy_step(reference, tokenizer, dataset, dpo_args(tmp_path))
     after = margins(sequence_logps(policy, completions), ref_logps, chosen, rejected)
     assert after.mean() > 0.5 and (after > 0).float().mean() > 0.8, after.tolist()
-    assert torch.equal(sequence_logps(reference, completions), ref_logps)  # the reference was not trained
+    assert same_weights(weights, copy_weights(reference)) and "forward" not in vars(reference)  # untouched
+    assert torch.equal(sequence_logps(reference, completions), ref_logps)
+
+    # a second step from the same reference (what CAID's next iteration does) trains a policy of its own
+    again = dpo_policy_step(reference, tokenizer, dataset, dpo_args(tmp_path, max_steps=1))
+    assert not torch.equal(sequence_logps(again, completions), ref_logps)
 
 
 def test_with_lora_the_reference_is_the_base_model_with_the_adapter_disabled(tmp_path):
@@ -94,10 +98,7 @@ def test_with_lora_the_reference_is_the_base_model_with_the_adapter_disabled(tmp
         dpo_policy_step(policy, tokenizer, dataset, dpo_args(tmp_path))
 
 
-def test_the_policy_step_refuses_a_missing_reference_and_other_losses(tmp_path):
+def test_the_policy_step_refuses_other_losses(tmp_path):
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
-    with pytest.raises(L3MConfigError, match="ref_model: required without LoRA"):
-        dpo_policy_step(model, tokenizer, None, dpo_args(tmp_path))
     with pytest.raises(L3MConfigError, match="loss_type: must be 'sigmoid'"):
-        dpo_policy_step(model, tokenizer, None, dpo_args(tmp_path, loss_type=["ipo"]), ref_model=model)
+        dpo_policy_step(build_model(tokenizer), tokenizer, None, dpo_args(tmp_path, loss_type=["ipo"]))

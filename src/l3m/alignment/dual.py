@@ -100,9 +100,9 @@ class DualSolution:
     ``lam`` (K,) the minimizer over :math:`0 \le \lambda \le` ``lam_max``; ``value`` :math:`D(\lambda)`;
     ``gradient`` (K,) :math:`\mathbb{E}_{\pi_\lambda}[g] - b` predicted by the reweighted responses (:math:`\approx 0`
     for an active constraint, :math:`\ge 0` for one with :math:`\lambda_i = 0`); ``kkt_residual``
-    :math:`\|\lambda - \max(0, \min(\lambda_\max, \lambda - \nabla D))\|_\infty`, 0 exactly at the constrained minimizer;
-    ``converged`` whether it is at most ``tol``; ``at_cap`` (K,) booleans, :math:`\lambda_i` = ``lam_max``: the
-    responses cannot meet constraint *i* (the dual decreases without bound in that direction);
+    :math:`\|\lambda - \max(0, \min(\lambda_\max, \lambda - \nabla D))\|_\infty`, 0 exactly at the constrained
+    minimizer; ``converged`` whether it is at most ``tol``; ``at_cap`` (K,) booleans, :math:`\lambda_i` =
+    ``lam_max``: the responses cannot meet constraint *i* (the dual decreases without bound in that direction);
     ``iterations`` and ``message`` from L-BFGS-B.
     """
 

@@ -14,11 +14,17 @@ checked in tests/test_alignment_policy.py:
 - a ``PeftModel`` whose adapter was already trained: TRL copies that adapter as the reference (``ref`` adapter), so
   the reference would be the previous policy, not :math:`\pi_\mathrm{ref}`; :func:`dpo_policy_step` refuses it;
 - full fine-tuning with ``ref_model=None``: TRL loads the reference from the model's ``name_or_path``, which is
-  :math:`\pi_\mathrm{ref}` only if nothing trained the weights since; :func:`dpo_policy_step` asks for ``ref_model``.
+  :math:`\pi_\mathrm{ref}` only if nothing trained the weights since; with ``precompute_ref_log_probs`` it computes
+  the reference log-probs from the model itself before training, which is :math:`\pi_\mathrm{ref}` when the step
+  starts from it, as :func:`dpo_policy_step` does. A ``ref_model`` is not handed to TRL: ``DPOTrainer`` replaces its
+  models' ``forward`` in place by one that closes over the original, so a later ``copy.deepcopy`` of a model TRL
+  touched runs the original's weights, not the copy's.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -47,14 +53,18 @@ def preference_dataset(prompts: Sequence, responses: Sequence[Sequence[str]], ch
     return Dataset.from_list(rows)
 
 
-def dpo_policy_step(model, tokenizer, dataset: Dataset, args, ref_model=None, peft_config=None, callbacks=None):
-    r"""Fit the policy to :math:`\pi_\lambda` on the pseudo-preference ``dataset`` with TRL's ``DPOTrainer``.
+def dpo_policy_step(reference, tokenizer, dataset: Dataset, args, peft_config=None, callbacks=None):
+    r"""Fit a policy to :math:`\pi_\lambda`, starting from :math:`\pi_\mathrm{ref}` = ``reference``, by DPO on the
+    pseudo-preference ``dataset`` with TRL's ``DPOTrainer``; returns the trained policy.
 
     ``args`` is a ``trl.DPOConfig`` (``beta`` the problem's :math:`\beta`; ``loss_type`` must be ``sigmoid``, the loss
-    whose optimum is :math:`\pi_\lambda`). With LoRA pass the base model :math:`\pi_\mathrm{ref}` and
-    ``peft_config``: a fresh adapter is trained and the reference is the base model (adapter disabled). Without,
-    pass the model to train and ``ref_model``, a frozen :math:`\pi_\mathrm{ref}`. Returns the trained model (the
-    ``PeftModel`` with LoRA).
+    whose optimum is :math:`\pi_\lambda`). ``reference`` is never trained:
+
+    - with ``peft_config`` a fresh LoRA adapter is trained on it (the result is the ``PeftModel``; its ``unload()``
+      gives ``reference`` back), and TRL's reference is ``reference`` with the adapter disabled;
+    - without, a copy of ``reference`` is trained, and TRL computes the reference log-probs from the copy before its
+      first step (``precompute_ref_log_probs``), so ``reference`` is never handed to TRL (whose ``DPOTrainer``
+      patches its models' ``forward`` in place) and two models are in memory, not three.
     """
     from peft import PeftModel
     from trl import DPOTrainer
@@ -62,14 +72,14 @@ def dpo_policy_step(model, tokenizer, dataset: Dataset, args, ref_model=None, pe
     if list(args.loss_type) != ["sigmoid"]:
         raise L3MConfigError(f"loss_type: must be 'sigmoid' (the DPO loss whose optimum is pi_lambda), got "
                              f"{args.loss_type}")
-    if isinstance(model, PeftModel):
+    if isinstance(reference, PeftModel):
         raise L3MConfigError("model: a PeftModel makes TRL's DPO reference a copy of its adapter, not pi_ref; pass "
                              "the base model and peft_config")
-    if peft_config is None and ref_model is None:
-        raise L3MConfigError("ref_model: required without LoRA (a frozen copy of the reference policy pi_ref)")
-    trainer = DPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
-                         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=callbacks)
+    if peft_config is None:
+        reference = copy.deepcopy(reference)
+        args = dataclasses.replace(args, precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=reference, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=callbacks)
     trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model)
 
