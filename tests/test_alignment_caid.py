@@ -108,3 +108,25 @@ def test_an_unknown_objective_reward_is_named(tmp_path):
     tokenizer = build_tokenizer()
     with pytest.raises(L3MConfigError, match=r"^reward: unknown reward 'helpfulness'"):
         caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, reward="helpfulness"))
+
+
+def test_l3m_align_runs_caid_from_a_config(assets, tmp_path, capsys):
+    from l3m.alignment.command import align_command
+
+    out = tmp_path / "align"
+    config = tmp_path / "align.yaml"
+    config.write_text(f"model_name_or_path: {assets['model']}\ndataset_name: {assets['data']}\noutput_dir: {out}\n"
+                      "reward: length_words\nconstraints: [{name: short, reward: length_tokens, max: 4}]\n"
+                      "outer_iterations: 1\nnum_generations: 2\nmax_completion_length: 6\nmax_train_samples: 4\n"
+                      "max_steps: 1\nper_device_train_batch_size: 4\nbeta: 0.5\n")
+    flags = ["--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false", "--report_to", "none",
+             "--disable_tqdm", "true", "--save_strategy", "no"]
+    assert align_command(["--config", str(config), *flags]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()  # the DPO trainer's logs, then l3m's lines
+    lines = [line for line in printed if line.startswith("iteration ")]
+    assert lines[0].startswith("iteration 0 | pi_ref | objective ") and "short slack" in lines[0]
+    assert lines[1].startswith("iteration 1 | lambda ") and printed[-1] == f"Wrote {out}/iterations.jsonl"
+    with open(out / "iterations.jsonl", encoding="utf-8") as f:
+        assert len(f.readlines()) == 2
+    with pytest.raises(L3MConfigError, match=r"^beta: must be > 0"):
+        align_command(["--config", str(config), *flags, "--beta", "0"])

@@ -39,13 +39,19 @@ class Prompts:
     ids: list[list[int]]
 
 
+def check_prompts(dataset, name: str = "train", field: str = "train_dataset") -> None:
+    """Fail early, naming ``field``, when a split is empty or has neither ``prompt`` nor ``messages``."""
+    columns = set(dataset.column_names)
+    if len(dataset) == 0 or not columns & {"prompt", "messages"}:
+        raise L3MDataError(f"{field}: the {name} split has {len(dataset)} rows with columns {sorted(columns)}; "
+                           "expected prompts in a 'prompt' or 'messages' column")
+
+
 def render_prompts(dataset, tokenizer) -> Prompts:
     """The :class:`Prompts` of ``dataset``: a ``prompt`` column (text or conversation) as it is, or ``messages``
     conversations cut after their last user turn."""
+    check_prompts(dataset)
     columns = set(dataset.column_names)
-    if len(dataset) == 0 or not columns & {"prompt", "messages"}:
-        raise L3MDataError(f"train_dataset: needs prompts, a 'prompt' or 'messages' column; got {len(dataset)} rows "
-                           f"with columns {sorted(columns)}")
     raw = []
     for i, example in enumerate(dataset):
         prompt = example["prompt"] if "prompt" in columns else example["messages"]
