@@ -12,25 +12,7 @@ import signal
 import sys
 
 from l3m.errors import L3MError, L3MTrainingStopped
-
-
-def _parse(types: tuple, argv: list[str], prog: str, description: str) -> tuple:
-    from l3m.parsing import L3MParser
-
-    return L3MParser(types, prog=prog, description=description).parse(argv)
-
-
-def parse_train_args(argv: list[str], *extra_types, prog: str = "", description: str = "", grpo: bool = False) -> tuple:
-    """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``);
-    with ``grpo``, of ``l3m grpo``'s (``training_args`` a :class:`l3m.ConstrainedGRPOConfig`)."""
-    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
-    from l3m.training.grpo_config import ConstrainedGRPOConfig, GRPOModelConfig
-
-    configs = (ConstrainedGRPOConfig, GRPOModelConfig) if grpo else (L3MConfig, ModelConfig)
-    return _parse((ScriptArguments, *configs, *extra_types), argv,
-                  prog or f"l3m {'grpo' if grpo else 'train'}", description or (
-                      "GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver."
-                      if grpo else "Fine-tune a model under reward constraints (L3M)."))
+from l3m.parsing import parse_command, parse_train_args
 
 
 def cmd_train(argv: list[str], grpo: bool = False) -> int:
@@ -62,7 +44,15 @@ def cmd_compare(argv: list[str]) -> int:
 def cmd_demo(argv: list[str]) -> int:
     from l3m.experiments.demo import DemoSettings, run_demo
 
-    run_demo(*_parse((DemoSettings,), argv, "l3m demo", "Fig. 2 of the L3M paper, offline, on CPU."))
+    run_demo(*parse_command((DemoSettings,), argv, "l3m demo", "Fig. 2 of the L3M paper, offline, on CPU."))
+    return 0
+
+
+def cmd_grpo_experiment(argv: list[str]) -> int:
+    from l3m.experiments.grpo_budget import BudgetSettings, run_budget_experiment
+
+    run_budget_experiment(*parse_command((BudgetSettings,), argv, "l3m grpo-experiment", (
+        "GRPO under a length budget: no budget, fixed penalty weights, the l3m barrier and dual ascent.")))
     return 0
 
 
@@ -70,7 +60,7 @@ def cmd_reward_train(argv: list[str]) -> int:
     from l3m.config import ModelConfig
     from l3m.rewards.training import RewardConfig, RewardScriptArguments, train_reward_model
 
-    script_args, reward_args, model_args = _parse(
+    script_args, reward_args, model_args = parse_command(
         (RewardScriptArguments, RewardConfig, ModelConfig), argv, "l3m reward train",
         "Learn a reward model from preference pairs with the Bradley-Terry loss (App. A.1).")
     print(json.dumps(train_reward_model(script_args, reward_args, model_args), indent=2))
@@ -82,7 +72,7 @@ def cmd_reward_train(argv: list[str]) -> int:
 def cmd_reward_build_standin(argv: list[str]) -> int:
     from l3m.rewards.standin import StandinSettings, build_standin
 
-    paths = build_standin(*_parse((StandinSettings,), argv, "l3m reward build-standin",
+    paths = build_standin(*parse_command((StandinSettings,), argv, "l3m reward build-standin",
                                   "Build the offline helpful/harmless stand-in preference data in the l3m cache."))
     with open(paths["stats"], encoding="utf-8") as f:
         print(f.read())
@@ -93,7 +83,7 @@ def cmd_reward_build_standin(argv: list[str]) -> int:
 def cmd_reward_experiment(argv: list[str]) -> int:
     from l3m.experiments.hh import ExperimentSettings, run_experiment
 
-    run_experiment(*_parse((ExperimentSettings,), argv, "l3m reward experiment",
+    run_experiment(*parse_command((ExperimentSettings,), argv, "l3m reward experiment",
                            "Fig. 3 of the L3M paper on the offline HH stand-in, on CPU."))
     return 0
 
@@ -115,16 +105,17 @@ def _dispatch(commands: dict, usage: str, argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "grpo": lambda argv: cmd_train(argv, grpo=True), "eval": cmd_eval,
-            "compare": cmd_compare, "demo": cmd_demo,
+            "compare": cmd_compare, "demo": cmd_demo, "grpo-experiment": cmd_grpo_experiment,
             "reward": lambda argv: _dispatch(REWARD_COMMANDS, REWARD_USAGE, argv)}
-USAGE = """usage: l3m {train,grpo,eval,compare,demo,reward} [--config FILE.yaml] [--field value ...]
+USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,reward} [--config FILE.yaml] [--field value ...]
 
-  train    fine-tune a model under reward constraints (L3M); plain SFT without constraints
-  grpo     GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
-  eval     a saved model on the test split: log-perplexity, constraint (and objective) rewards, KL to a reference
-  compare  train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
-  demo     the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
-  reward   train / build-standin / experiment: preference reward models and the offline HH stand-in
+  train            fine-tune a model under reward constraints (L3M); plain SFT without constraints
+  grpo             GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
+  eval             a saved model on the test split: log-ppl, constraint (and objective) rewards, KL to a reference
+  compare          train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
+  demo             the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
+  grpo-experiment  GRPO under a length budget: no budget, fixed penalty weights, l3m barrier, dual ascent
+  reward           train / build-standin / experiment: preference reward models and the offline HH stand-in
 
 `l3m <command> --help` lists every field of a command."""
 

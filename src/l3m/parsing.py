@@ -139,3 +139,21 @@ def as_flags(values: dict[str, Any]) -> list[str]:
         elif value is not None:
             flags += [f"--{key}", str(value)]
     return flags
+
+
+def parse_command(types: tuple, argv: list[str], prog: str, description: str) -> tuple:
+    """The dataclasses ``types`` of one command, filled from ``argv`` (``--config`` and flags)."""
+    return L3MParser(types, prog=prog, description=description).parse(argv)
+
+
+def parse_train_args(argv: list[str], *extra_types, prog: str = "", description: str = "", grpo: bool = False) -> tuple:
+    """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``);
+    with ``grpo``, of ``l3m grpo``'s (``training_args`` a :class:`l3m.ConstrainedGRPOConfig`)."""
+    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+    from l3m.training.grpo_config import ConstrainedGRPOConfig, GRPOModelConfig
+
+    configs = (ConstrainedGRPOConfig, GRPOModelConfig) if grpo else (L3MConfig, ModelConfig)
+    return parse_command((ScriptArguments, *configs, *extra_types), argv, prog or f"l3m {'grpo' if grpo else 'train'}",
+                         description or ("GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by "
+                                         "an l3m solver." if grpo else "Fine-tune a model under reward constraints "
+                                         "(L3M)."))

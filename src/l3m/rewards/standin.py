@@ -24,6 +24,7 @@ Install the scorers with ``pip install 'l3m[standin]'``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -109,6 +110,16 @@ class RelevanceScorer:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         return (self.embed(prompts) * self.embed(responses)).sum(-1).tolist()
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_relevance_scorer() -> RelevanceScorer:
+    return RelevanceScorer()
+
+
+def relevance_scores(questions: list[str], responses: list[str]) -> list[float]:
+    """:class:`RelevanceScorer` of each (question, response) pair, the scorer loaded once per process."""
+    return _shared_relevance_scorer()(questions, responses)
 
 
 def standin_prompts(max_prompts: int = 0, seed: int = 0) -> list[dict[str, str]]:
