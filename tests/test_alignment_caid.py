@@ -111,7 +111,7 @@ def test_an_unknown_objective_reward_is_named(tmp_path):
 
 
 def test_l3m_align_runs_caid_from_a_config(assets, tmp_path, capsys):
-    from l3m.alignment.command import align_command
+    from l3m.cli import main
 
     out = tmp_path / "align"
     config = tmp_path / "align.yaml"
@@ -121,12 +121,13 @@ def test_l3m_align_runs_caid_from_a_config(assets, tmp_path, capsys):
                       "max_steps: 1\nper_device_train_batch_size: 4\nbeta: 0.5\n")
     flags = ["--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false", "--report_to", "none",
              "--disable_tqdm", "true", "--save_strategy", "no"]
-    assert align_command(["--config", str(config), *flags]) == 0
+    assert main(["align", "--config", str(config), *flags]) == 0
     printed = capsys.readouterr().out.strip().splitlines()  # the DPO trainer's logs, then l3m's lines
     lines = [line for line in printed if line.startswith("iteration ")]
     assert lines[0].startswith("iteration 0 | pi_ref | objective ") and "short slack" in lines[0]
     assert lines[1].startswith("iteration 1 | lambda ") and printed[-1] == f"Wrote {out}/iterations.jsonl"
     with open(out / "iterations.jsonl", encoding="utf-8") as f:
         assert len(f.readlines()) == 2
-    with pytest.raises(L3MConfigError, match=r"^beta: must be > 0"):
-        align_command(["--config", str(config), *flags, "--beta", "0"])
+    assert main(["align", "--config", str(config), *flags, "--beta", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error == "l3m: error: beta: must be > 0 (the KL weight of the problem and of DPO), got 0.0\n"

@@ -56,6 +56,12 @@ def cmd_grpo_experiment(argv: list[str]) -> int:
     return 0
 
 
+def cmd_align(argv: list[str]) -> int:
+    from l3m.alignment.command import align_command
+
+    return align_command(argv)
+
+
 def cmd_reward_train(argv: list[str]) -> int:
     from l3m.config import ModelConfig
     from l3m.rewards.training import RewardConfig, RewardScriptArguments, train_reward_model
@@ -105,9 +111,9 @@ def _dispatch(commands: dict, usage: str, argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "grpo": lambda argv: cmd_train(argv, grpo=True), "eval": cmd_eval,
-            "compare": cmd_compare, "demo": cmd_demo, "grpo-experiment": cmd_grpo_experiment,
+            "compare": cmd_compare, "demo": cmd_demo, "grpo-experiment": cmd_grpo_experiment, "align": cmd_align,
             "reward": lambda argv: _dispatch(REWARD_COMMANDS, REWARD_USAGE, argv)}
-USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,reward} [--config FILE.yaml] [--field value ...]
+USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,align,reward} [--config FILE.yaml] [--field ...]
 
   train            fine-tune a model under reward constraints (L3M); plain SFT without constraints
   grpo             GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
@@ -115,6 +121,7 @@ USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,reward} [--c
   compare          train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
   demo             the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
   grpo-experiment  GRPO under a length budget: no budget, fixed penalty weights, l3m barrier, dual ascent
+  align            CAID: a reward minus beta KL under constraints; one-shot dual, then DPO and dual steps
   reward           train / build-standin / experiment: preference reward models and the offline HH stand-in
 
 `l3m <command> --help` lists every field of a command."""

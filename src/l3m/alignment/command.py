@@ -56,10 +56,10 @@ def align(script_args, args: CAIDConfig, model_args) -> list[dict]:
 def align_command(argv: list[str]) -> int:
     """``l3m align``: parse ``argv``, run CAID, print one line per iterate."""
     from l3m.config import ScriptArguments
-    from l3m.parsing import L3MParser
+    from l3m.parsing import parse_command
 
-    parser = L3MParser((ScriptArguments, CAIDConfig, AlignModelConfig), prog="l3m align", description=DESCRIPTION)
-    script_args, args, model_args = parser.parse(argv)
+    script_args, args, model_args = parse_command((ScriptArguments, CAIDConfig, AlignModelConfig), argv, "l3m align",
+                                                  DESCRIPTION)
     records = align(script_args, args, model_args)
     for record in records:
         print(format_record(record))
