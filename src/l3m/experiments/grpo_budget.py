@@ -190,14 +190,16 @@ def _mean_se(values) -> tuple[float, float]:
 
 def budget_table(records: list[dict]) -> str:
     """One row per arm: relevance and length (mean ± s.e. over held-out prompts), budget met, responses inside the
-    budget, the last multiplier, task log-ppl, training time."""
+    budget, KL to the initial model (nats per response), the last multiplier, task log-ppl, training time."""
     columns = [("arm", 18, "<"), ("relevance ± s.e.", 16, ">"), ("length ± s.e.", 13, ">"), ("budget met", 10, ">"),
-               ("inside", 6, ">"), ("last λ", 8, ">"), ("task log-ppl", 12, ">"), ("train s", 7, ">")]
+               ("inside", 6, ">"), ("KL ± s.e.", 11, ">"), ("last λ", 8, ">"), ("task log-ppl", 12, ">"),
+               ("train s", 7, ">")]
     rows = []
     for r in records:
         s = r["summary"]
         rows.append([r["label"], mean_pm(*_mean_se(r["objective"]), 3), mean_pm(*_mean_se(r["lengths"]), 1),
                      "yes" if s["length/satisfied"] else "NO", f"{100 * s['length/inside_frac']:.0f}%",
+                     mean_pm(*_mean_se(r["kl"]), 2),
                      "-" if r["final_multiplier"] is None else f"{r['final_multiplier']:.3g}",
                      f"{s['log_ppl_mean']:.3f}", f"{r['train_seconds']:.0f}"])
     return format_table(columns, rows)
