@@ -1,9 +1,11 @@
 """``l3m grpo-experiment``: GRPO under a length budget, with no penalty weight to tune (docs/grpo_experiment.md).
 
 Offline, on the embedded default: GRPO (:class:`l3m.training.grpo.ConstrainedGRPOTrainer`) fine-tunes the demo
-model on chatterbot prompts to maximize prompt-response relevance (:func:`l3m.rewards.relevance`, the stand-in's
-MiniLM embedding) subject to a length budget, mean response length ``<= budget`` tokens. Every arm has the same step
-budget, seed and prompts:
+model on chatterbot prompts to maximize a length-biased relevance reward, ``relevance + 0.05 * words``
+(:func:`l3m.rewards.relevance`, the stand-in's MiniLM embedding, plus a bias toward longer answers such as learned
+reward models have; relevance alone is maximized by short answers that echo the question, so a budget would not
+bind), subject to a length budget, mean response length ``<= budget`` tokens. Every arm has the same step budget,
+seed and prompts:
 
 - ``GRPO (no budget)``: the budget's weight fixed at 0, which trains exactly as ``trl.GRPOTrainer`` does
   (``tests/test_grpo.py``), so it shows where the lengths go when nothing holds them;
@@ -11,8 +13,8 @@ budget, seed and prompts:
 - ``l3m``: the log barrier (its weight from an EMA of the budget's value, μ decaying);
 - ``mm``: dual ascent on the weight (the primal-dual / PPO-Lagrangian baseline).
 
-Each model is evaluated on held-out prompts (one response each, sampled as in training): relevance and length
-(mean ± standard error), whether the mean meets the budget, the share of responses inside it, and the task
+Each model is evaluated on held-out prompts (one response each, sampled as in training): the objective, its
+relevance part and the length (mean ± standard error), the KL to the initial model, whether the mean meets the budget, the share of responses inside it, and the task
 log-perplexity of the corpus's answers. ``results.json`` is rewritten after each arm; the figure plots relevance
 against length with the budget as a line.
 """
@@ -43,17 +45,20 @@ class BudgetSettings(RunSettings):
     system_prompt: str = field(default="Keep answers short.", metadata={
         "help": "A system turn before every prompt ('' for none). The demo model's answers otherwise run past any "
                 "CPU-sized token cap, and truncated samples all have the same length (no signal for the budget)."})
-    reward: str = field(default="relevance", metadata={"help": "The objective r_0 (an l3m reward spec)."})
+    reward: list[str] = field(default_factory=lambda: ["relevance", "length_words"], metadata={
+        "help": "The objective r_0: l3m reward specs whose weighted sum (reward_weights) GRPO maximizes."})
+    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.05], metadata={
+        "help": "One weight per objective reward: relevance in [-1, 1] plus 0.05 per word, a length bias."})
     budget: float = field(default=24.0, metadata={"help": "The length budget: mean response length <= this many "
                                                           "tokens."})
-    max_steps: int = field(default=24, metadata={"help": "GRPO steps of every arm."})
+    max_steps: int = field(default=20, metadata={"help": "GRPO steps of every arm."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "Completions per step (TRL's meaning): prompts per step x num_generations."})
     max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate (all weights are trained)."})
-    fixed_weights: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.05], metadata={
-        "help": "Weights of the fixed length penalty, one arm each, from too weak to too strong (relevance is in "
-                "[-1, 1], length in tokens)."})
+    fixed_weights: list[float] = field(default_factory=lambda: [0.01, 0.04, 0.1], metadata={
+        "help": "Weights of the fixed length penalty per token over the budget, one arm each, from too weak to too "
+                "strong: the objective pays about 0.05 x 0.75 words per token for length."})
     dual_lr: float = field(default=0.002, metadata={"help": "Dual ascent's step size: lambda <- max(0, lambda + "
                                                             "dual_lr * C), C in tokens over the budget."})
     test_size: int = field(default=32, metadata={"help": "Held-out prompts every model is evaluated on."})
@@ -62,6 +67,9 @@ class BudgetSettings(RunSettings):
     quick: bool = field(default=False, metadata={"help": "A smoke run: 2 steps, 4 held-out prompts, 8 tokens."})
 
     def __post_init__(self):
+        if len(self.reward_weights) != len(self.reward):
+            raise L3MConfigError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward)} "
+                                 "objective rewards; give one per reward")
         if not math.isfinite(self.budget) or self.budget <= 0:
             raise L3MConfigError(f"budget: expected a positive number of tokens, got {self.budget!r}")
         if any(not math.isfinite(w) or w < 0 for w in self.fixed_weights):
@@ -116,7 +124,8 @@ def run_arm(settings: BudgetSettings, label: str, solver: str, weight: float, tr
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=settings.model_name_or_path))
     budget = {"name": "length", "reward": "length_tokens", "max": settings.budget}
     args = ConstrainedGRPOConfig(
-        output_dir=os.path.join(settings.output_dir, slug(label)), reward=settings.reward, constraints=[budget],
+        output_dir=os.path.join(settings.output_dir, slug(label)), reward=settings.reward,
+        reward_weights=settings.reward_weights, constraints=[budget],
         solver=solver or "fixed", multiplier_init=weight, dual_lr=settings.dual_lr,
         ema_smoothing=settings.ema_smoothing,
         max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -130,19 +139,22 @@ def run_arm(settings: BudgetSettings, label: str, solver: str, weight: float, tr
         trainer.train()
     train_seconds = time.time() - started
 
-    objective = resolve_reward(settings.reward)
+    rewards = {spec: resolve_reward(spec, field="reward") for spec in settings.reward}
     test = prepare_dataset(test_dataset, tokenizer, settings.max_length, settings.seed, "test")
     questions = {render_example(example, tokenizer, random.Random(0))[0]: example["messages"][-2]["content"]
                  for example in test_dataset}  # the held-out prompt as the sampler sees it -> the user's question
 
-    def held_out_objective(prompts, completions, completion_ids, **kwargs):
-        return objective(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                         question=[questions[p] for p in prompts])
+    def with_question(reward):  # the held-out prompts' `question`, as GRPO passes the train prompts' column
+        def scored(prompts, completions, completion_ids, **kwargs):
+            return reward(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                          question=[questions[p] for p in prompts])
+        return scored
 
     started = time.time()
     result = evaluate_model(trainer.model, tokenizer, test,
                             constraints=[Constraint(reward="length_tokens", max=settings.budget, name="length")],
-                            objective={settings.reward: held_out_objective}, reference_model=reference,
+                            objective={name: with_question(f) for name, f in rewards.items()},
+                            reward_weights=settings.reward_weights, reference_model=reference,
                             max_new_tokens=settings.eval_max_new_tokens, temperature=1.0, top_p=1.0,
                             batch_size=settings.test_size, seed=settings.seed, description=f"Evaluating {label}")
     logged = ("constraints/", "rewards/", "completions/mean_length", "barrier/", "step_time")
@@ -150,7 +162,8 @@ def run_arm(settings: BudgetSettings, label: str, solver: str, weight: float, tr
                for entry in trainer.state.log_history if "loss" in entry]
     return {"label": label, "solver": solver, "weight": weight, "train_seconds": train_seconds,
             "eval_seconds": time.time() - started, "summary": result["summary"], "lengths": result["lengths"],
-            "objective": result["objective"], "kl": result["kl"], "history": history,
+            "objective": result["objective"], "objective_rewards": result["objective_rewards"], "kl": result["kl"],
+            "history": history,
             "final_multiplier": history[-1].get("constraints/length/multiplier") if history else None,
             "samples": result["samples"][:6]}
 
@@ -189,15 +202,18 @@ def _mean_se(values) -> tuple[float, float]:
 
 
 def budget_table(records: list[dict]) -> str:
-    """One row per arm: relevance and length (mean ± s.e. over held-out prompts), budget met, responses inside the
+    """One row per arm: the objective, its relevance part and the length (mean ± s.e. over held-out prompts), budget met, responses inside the
     budget, KL to the initial model (nats per response), the last multiplier, task log-ppl, training time."""
-    columns = [("arm", 18, "<"), ("relevance ± s.e.", 16, ">"), ("length ± s.e.", 13, ">"), ("budget met", 10, ">"),
+    columns = [("arm", 18, "<"), ("objective ± s.e.", 16, ">"), ("relevance ± s.e.", 16, ">"),
+               ("length ± s.e.", 13, ">"), ("budget met", 10, ">"),
                ("inside", 6, ">"), ("KL ± s.e.", 11, ">"), ("last λ", 8, ">"), ("task log-ppl", 12, ">"),
                ("train s", 7, ">")]
     rows = []
     for r in records:
         s = r["summary"]
-        rows.append([r["label"], mean_pm(*_mean_se(r["objective"]), 3), mean_pm(*_mean_se(r["lengths"]), 1),
+        relevance = r["objective_rewards"].get("relevance")
+        rows.append([r["label"], mean_pm(*_mean_se(r["objective"]), 3),
+                     mean_pm(*_mean_se(relevance), 3) if relevance else "-", mean_pm(*_mean_se(r["lengths"]), 1),
                      "yes" if s["length/satisfied"] else "NO", f"{100 * s['length/inside_frac']:.0f}%",
                      mean_pm(*_mean_se(r["kl"]), 2),
                      "-" if r["final_multiplier"] is None else f"{r['final_multiplier']:.3g}",

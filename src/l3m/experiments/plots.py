@@ -176,7 +176,7 @@ class BudgetPoint:
 
 
 def plot_budget_figure(points: Sequence[BudgetPoint], budget: float, path: str,
-                       objective_label: str = "relevance (MiniLM cosine)") -> str:
+                       objective_label: str = "objective reward") -> str:
     """Objective reward against response length per arm (mean ± s.e. both ways), the budget as a vertical line:
     arms left of the line meet it, and higher is better among them. Written atomically to ``path``."""
     plt = _pyplot()
@@ -191,5 +191,57 @@ def plot_budget_figure(points: Sequence[BudgetPoint], budget: float, path: str,
     ax.set_title("GRPO under a length budget")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+@dataclass
+class AlignmentPoint:
+    """One model of the constrained-alignment experiment on held-out prompts: the constraint's and the objective's
+    mean reward, each ``(mean, s.e.)``; ``threshold`` is the b it was trained for (None: the initial model)."""
+
+    method: str
+    threshold: float | None
+    constraint: tuple[float, float]
+    objective: tuple[float, float]
+
+
+def plot_alignment_figure(points: Sequence[AlignmentPoint], thresholds: Sequence[float],
+                          multipliers: dict[float, Sequence[float]], path: str,
+                          axis_labels: tuple[str, str] = ("harmless: civility (VADER compound)",
+                                                          "helpful: relevance (MiniLM cosine)")) -> str:
+    """Left: the objective against the constraint per model (mean ± s.e. both ways; colour: method, marker:
+    threshold), each threshold a dashed vertical line (models right of their line meet it). Right: CAID's multiplier
+    over its outer iterations per threshold (``multipliers[b][t]``: lambda_t, t = 0 the one-shot dual). Written
+    atomically to ``path``."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.6), gridspec_kw={"width_ratios": [1.5, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    methods = list(dict.fromkeys(p.method for p in points))
+    marker_of = {b: markers[i % len(markers)] for i, b in enumerate(thresholds)}
+    labelled = set()
+    for p in points:
+        color = colors[methods.index(p.method) % len(colors)]
+        left.errorbar(p.constraint[0], p.objective[0], xerr=p.constraint[1], yerr=p.objective[1], capsize=3,
+                      fmt=marker_of.get(p.threshold, "o"), color=color, markeredgecolor="black", markeredgewidth=0.5,
+                      label=None if p.method in labelled else p.method)
+        labelled.add(p.method)
+    for b in thresholds:
+        left.axvline(b, color="black", linestyle="dashed", lw=1)
+        left.annotate(f"b={b:.2f} ({marker_of[b]})", (b, 1), xycoords=("data", "axes fraction"), rotation=90,
+                      va="top", ha="right", fontsize=8)
+    left.set_xlabel(f"held-out {axis_labels[0]}, mean ± s.e.")
+    left.set_ylabel(f"held-out {axis_labels[1]}, mean ± s.e.")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for b, lams in multipliers.items():
+        right.plot(range(len(lams)), lams, marker=marker_of.get(b, "o"), label=f"b={b:.2f}")
+    right.set_xlabel("outer iteration t (0: one-shot dual)")
+    right.set_ylabel("CAID multiplier λ_t")
+    right.set_xticks(range(max((len(v) for v in multipliers.values()), default=1)))
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.suptitle("Constrained alignment on the helpful/harmless stand-in")
     fig.tight_layout()
     return _save(fig, plt, path)
