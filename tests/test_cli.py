@@ -220,7 +220,7 @@ def test_there_are_example_configs():
 def test_example_config_parses(path):
     if os.path.basename(path).startswith("compare"):  # a compare config: shared fields plus its methods
         plans, (script_args, training_args, model_args), _ = plan_comparison(["--config", path])
-        assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "dual"}
+        assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "lagged_dual"}
     else:
         with open(path, encoding="utf-8") as f:
             grpo = f.readline().split()[3:4] == ["grpo"]  # "# Launch:  l3m grpo ..."
@@ -244,7 +244,7 @@ def test_settings_commands_take_a_yaml_config_and_flags(settings, tmp_path):
     cls = getattr(importlib.import_module(module), name)
     values = {"seed": 3, "max_new_tokens" if name == "StandinSettings" else "max_steps": 7}
     if name == "ExperimentSettings":
-        values.update(solvers=["mm", "dual"], helpful_offsets=[0.5], harmless_offsets=[0.25])
+        values.update(solvers=["mm", "lagged_dual"], helpful_offsets=[0.5], harmless_offsets=[0.25])
     config = _write_yaml(tmp_path / "settings.yaml", values)
     (parsed,) = L3MParser((cls,)).parse(["--config", config, "--seed", "5"])
     assert parsed.seed == 5  # the flag overrides the file

@@ -17,9 +17,9 @@ METHODS = [
     {"name": "SFT", "solver": "sft", "match_objective_steps": True},
     {"name": "L3M", "solver": "l3m"},
     {"name": "MM", "solver": "mm", "sweep": {"dual_lr": [0.05, 0.5]}},
-    {"name": "dual", "solver": "dual", "dual_update_steps": 1},
+    {"name": "lagged_dual", "solver": "lagged_dual", "dual_update_steps": 1},
 ]
-NAMES = ["SFT", "L3M", "MM (dual_lr=0.05)", "MM (dual_lr=0.5)", "dual"]
+NAMES = ["SFT", "L3M", "MM (dual_lr=0.05)", "MM (dual_lr=0.5)", "lagged_dual"]
 
 
 def _compare_yaml(assets, path, **overrides) -> str:
@@ -53,7 +53,7 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
         results = json.load(f)
     methods = results["methods"]
     assert [m["name"] for m in methods] == NAMES
-    assert [m["solver"] for m in methods] == ["sft", "l3m", "mm", "mm", "dual"]
+    assert [m["solver"] for m in methods] == ["sft", "l3m", "mm", "mm", "lagged_dual"]
     assert methods[0]["steps"] == objective_step_count(0, 3) and all(m["steps"] == 3 for m in methods[1:])
     assert methods[2]["overrides"] == {"solver": "mm", "dual_lr": 0.05}
     for m in methods:
@@ -64,7 +64,7 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
             assert key in s, (m["name"], key)
         assert m["train_seconds"] > 0 and m["peak_memory_mb"] > 0
     assert methods[0]["solver_state"] is None  # SFT ignores the constraints
-    assert methods[4]["solver_state"]["history"]  # the dual iterates are kept
+    assert methods[4]["solver_state"]["history"]  # the lagged dual iterates are kept
     assert (tmp_path / "compare" / "compare_length.png").stat().st_size > 0
 
 
@@ -100,7 +100,7 @@ def test_a_failing_method_is_reported_and_the_others_still_run(assets, tmp_path,
      r"^methods\[MM\]\.sweep\.dual_lr: expected a non-empty list"),
     ([{"name": "MM", "solver": "mm", "sweep": {"lr": [1]}}], r"^methods\[MM\]\.sweep: unknown field 'lr'"),
     ([{"name": "A", "solver": "mm"}, {"name": "A", "solver": "l3m"}], r"^methods: duplicated name\(s\) \['A'\]"),
-    ([{"name": "PPO", "solver": "ppo"}], r"^methods\[PPO\]: solver: must be one of l3m, mm, dual, fixed, sft"),
+    ([{"name": "PPO", "solver": "ppo"}], r"^methods\[PPO\]: solver: must be one of l3m, mm, lagged_dual, fixed, sft"),
     ([{"name": "L3M", "solver": "l3m", "constraints": [{"reward": "length_tokens", "max": 3}]}],
      r"^methods\[L3M\]: \['constraints'\] must be the same for every method; set them at the top level"),
     ([{"name": "MM", "solver": "mm", "sweep": {"test_size": [4, 8]}}], r"^methods\[MM\]: \['test_size'\] must be"),
@@ -128,10 +128,10 @@ def test_compare_needs_a_config_and_a_constraint(assets, tmp_path, capsys):
 
 def test_sweeps_expand_into_one_method_per_combination():
     fields = {"solver", "dual_lr", "dual_update_steps"}
-    methods = expand_methods([{"name": "dual", "solver": "dual",
+    methods = expand_methods([{"name": "dual", "solver": "lagged_dual",
                                "sweep": {"dual_lr": [0.1, 1.0], "dual_update_steps": [2, 5]}}], fields)
     assert [m.name for m in methods] == ["dual (dual_lr=0.1, dual_update_steps=2)",
                                          "dual (dual_lr=0.1, dual_update_steps=5)",
                                          "dual (dual_lr=1.0, dual_update_steps=2)",
                                          "dual (dual_lr=1.0, dual_update_steps=5)"]
-    assert methods[1].overrides == {"solver": "dual", "dual_lr": 0.1, "dual_update_steps": 5}
+    assert methods[1].overrides == {"solver": "lagged_dual", "dual_lr": 0.1, "dual_update_steps": 5}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from l3m.cli import main
 from l3m.config import L3MConfig
 from l3m.errors import L3MConfigError
 
@@ -110,14 +111,34 @@ def test_solver_defaults_to_l3m_with_the_dual_defaults(tmp_path):
         False, 1.0, 10, False)
 
 
-@pytest.mark.parametrize("solver", ["l3m", "mm", "dual", "fixed", "sft"])
+@pytest.mark.parametrize("solver", ["l3m", "mm", "lagged_dual", "fixed", "sft"])
 def test_every_solver_is_accepted(tmp_path, solver):
     assert make(tmp_path, solver=solver).solver == solver
 
 
 def test_unknown_solver_lists_the_choices(tmp_path):
-    with pytest.raises(L3MConfigError, match=r"^solver: must be one of l3m, mm, dual, fixed, sft, got 'lagrangian'"):
+    with pytest.raises(L3MConfigError,
+                       match=r"^solver: must be one of l3m, mm, lagged_dual, fixed, sft, got 'lagrangian'"):
         make(tmp_path, solver="lagrangian")
+
+
+RENAMED_DUAL = ("'dual' was renamed 'lagged_dual' (the SFT-objective lagged dual ascent); for CAID, the iterative "
+                "dual alignment method of arXiv 2505.19387, use `l3m align`")
+
+
+def test_the_old_solver_name_dual_says_what_it_became(tmp_path):
+    with pytest.raises(L3MConfigError) as err:
+        make(tmp_path, solver="dual")
+    assert str(err.value) == f"solver: {RENAMED_DUAL}"
+
+
+@pytest.mark.parametrize("argv, field", [(["train", "--solver", "dual"], "solver"),
+                                         (["grpo", "--solver", "dual"], "solver"),
+                                         (["reward", "experiment", "--solvers", "dual"], "solvers")])
+def test_the_old_solver_name_dual_is_one_line_through_the_cli(tmp_path, capsys, argv, field):
+    assert main([*argv, "--output_dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"l3m: error: {field}: {RENAMED_DUAL}\n"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

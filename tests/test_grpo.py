@@ -176,7 +176,7 @@ def test_a_satisfied_constraint_is_summarized_at_info(tmp_path, caplog):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    with pytest.raises(L3MConfigError, match="^solver: must be one of l3m, mm, dual, fixed, got 'sft'"):
+    with pytest.raises(L3MConfigError, match="^solver: must be one of l3m, mm, lagged_dual, fixed, got 'sft'"):
         ConstrainedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, solver="sft")
     with pytest.raises(L3MConfigError, match="^multi_objective_aggregation: must be 'sum_then_normalize'"):
         ConstrainedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, multi_objective_aggregation="normalize_then_sum")
@@ -245,4 +245,4 @@ def test_l3m_grpo_command_trains_saves_and_resumes(assets, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--solver", "sft"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("l3m: error: solver: must be one of l3m, mm, dual, fixed") and err.count("\n") == 1
+    assert err.startswith("l3m: error: solver: must be one of l3m, mm, lagged_dual, fixed") and err.count("\n") == 1

@@ -400,7 +400,7 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--solvers", "l3m", "ppo"], "solvers: expected a list of l3m, mm, dual, got ['l3m', 'ppo']"),
+    (["--solvers", "l3m", "ppo"], "solvers: expected a list of l3m, mm, lagged_dual, got ['l3m', 'ppo']"),
     (["--helpful_offsets", "0.1", "0.2"], "harmless_offsets: one per constraint point, as helpful_offsets; got "
                                           "[0.1, 0.2] and [0.3, 0.1, 0.6]"),
     (["--harmless_offsets", "0.1", "high"], "harmless_offsets (--harmless-offsets): invalid float value: 'high'"),

@@ -1,4 +1,4 @@
-"""Solvers: the log barrier's EMA (Sec. 5.4) and multipliers, and the MM / iterative dual baselines."""
+"""Solvers: the log barrier's EMA (Sec. 5.4) and multipliers, and the MM / lagged dual baselines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from l3m.solvers.barrier import implied_multipliers, mu_at_step
-from l3m.solvers import (MinimaxSolver, IterativeDualSolver, LogBarrierSolver, Solver,
-                             build_solver)
+from l3m.solvers import LaggedDualSolver, LogBarrierSolver, MinimaxSolver, Solver, build_solver
 
 
 def test_ema_is_seeded_with_the_first_estimate():
@@ -141,7 +140,7 @@ def test_every_strategy_implements_the_interface_and_the_factory_picks_it(tmp_pa
     from l3m.config import L3MConfig
 
     expected = {"l3m": LogBarrierSolver, "sft": LogBarrierSolver, "mm": MinimaxSolver,
-                "dual": IterativeDualSolver}
+                "lagged_dual": LaggedDualSolver}
     for solver, cls in expected.items():
         args = L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver=solver, dual_lr=0.3,
                          multiplier_max=7.0, dual_update_steps=3)
@@ -151,7 +150,7 @@ def test_every_strategy_implements_the_interface_and_the_factory_picks_it(tmp_pa
     mm = build_solver(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="mm", dual_lr=0.3,
                                      multiplier_max=7.0, dual_warmup_steps=2, dual_ema_smoothing=0.5))
     assert (mm.dual_lr, mm.multiplier_max, mm.warmup_steps, mm.ema_smoothing) == (0.3, 7.0, 2, 0.5)
-    dual = build_solver(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="dual",
+    dual = build_solver(L3MConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], solver="lagged_dual",
                                        dual_update_steps=3, dual_warm_start=True))
     assert (dual.update_steps, dual.warm_start) == (3, True)
 
@@ -306,7 +305,7 @@ def test_mm_state_dict_before_any_update():
     torch.testing.assert_close(restored.multipliers(0, 3, torch.tensor([1.0, 1.0])), torch.tensor([0.25, 0.25]))
 
 
-# ------------------------------------------------------------------------------------------------- iterative dual
+# ---------------------------------------------------------------------------------------------------- lagged dual
 
 
 def _run_outer_iterations(m, estimates):
@@ -318,8 +317,8 @@ def _run_outer_iterations(m, estimates):
     return used
 
 
-def test_iterative_dual_is_constant_within_an_outer_iteration_and_takes_the_projected_step():
-    m = IterativeDualSolver(dual_lr=0.5, update_steps=3, multiplier_init=1.0)
+def test_lagged_dual_is_constant_within_an_outer_iteration_and_takes_the_projected_step():
+    m = LaggedDualSolver(dual_lr=0.5, update_steps=3, multiplier_init=1.0)
     first = [[2.0, -1.0], [4.0, -3.0], [0.0, -2.0]]  # mean [2, -2]
     second = [[1.0, -4.0], [-1.0, -4.0], [3.0, -4.0]]  # mean [1, -4]
     used = _run_outer_iterations(m, first + second)
@@ -332,22 +331,22 @@ def test_iterative_dual_is_constant_within_an_outer_iteration_and_takes_the_proj
     torch.testing.assert_close(m.estimate, torch.tensor([1.0, -4.0]))  # the last completed iteration's mean
 
 
-def test_iterative_dual_estimate_is_the_running_mean_of_the_iteration():
-    m = IterativeDualSolver(dual_lr=0.5, update_steps=4)
+def test_lagged_dual_estimate_is_the_running_mean_of_the_iteration():
+    m = LaggedDualSolver(dual_lr=0.5, update_steps=4)
     assert m.estimate is None
     _run_outer_iterations(m, [[2.0], [4.0]])
     torch.testing.assert_close(m.estimate, torch.tensor([3.0]))
     assert m.iteration == 0 and m.lam.item() == 0.0
 
 
-def test_iterative_dual_cap():
-    m = IterativeDualSolver(dual_lr=1.0, update_steps=1, multiplier_max=1.5)
+def test_lagged_dual_cap():
+    m = LaggedDualSolver(dual_lr=1.0, update_steps=1, multiplier_max=1.5)
     _run_outer_iterations(m, [[1.0], [1.0], [1.0]])
     assert m.history == [[0.0], [1.0], [1.5], [1.5]]
 
 
-def test_iterative_dual_warm_start():
-    m = IterativeDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0, warm_start=True)
+def test_lagged_dual_warm_start():
+    m = LaggedDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0, warm_start=True)
     first = torch.tensor([4.0, -1.0])
     # lambda_0 = dual_lr * max(0, C) of the first estimate, already for the first step's weights
     torch.testing.assert_close(m.multipliers(0, 10, first), torch.tensor([2.0, 0.0]))
@@ -356,16 +355,16 @@ def test_iterative_dual_warm_start():
     # the first estimate also counts towards the first iteration's mean [3, -2]: [2, 0] + 0.5 * [3, -2] -> [3.5, 0]
     assert used[2] == [3.5, 0.0]
     assert m.history == [[2.0, 0.0], [3.5, 0.0]]
-    cold = IterativeDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0)
+    cold = LaggedDualSolver(dual_lr=0.5, update_steps=2, multiplier_init=3.0)
     torch.testing.assert_close(cold.multipliers(0, 10, first), torch.tensor([3.0, 3.0]))
 
 
-def test_iterative_dual_state_dict_round_trip_mid_iteration():
+def test_lagged_dual_state_dict_round_trip_mid_iteration():
     kwargs = dict(dual_lr=0.25, update_steps=3, multiplier_init=0.5)
-    m = IterativeDualSolver(**kwargs)
+    m = LaggedDualSolver(**kwargs)
     _run_outer_iterations(m, [[1.0, -1.0], [2.0, 0.0], [3.0, 1.0], [4.0, -4.0]])  # one dual step, one step into it
     state = json.loads(json.dumps(m.state_dict()))
-    restored = IterativeDualSolver(**kwargs)
+    restored = LaggedDualSolver(**kwargs)
     _run_outer_iterations(restored, [[9.0, 9.0]] * 7)  # stale state (iteration 2), overwritten by the load
     restored.load_state_dict(state)
     assert restored.iteration == m.iteration == 1
@@ -379,9 +378,18 @@ def test_iterative_dual_state_dict_round_trip_mid_iteration():
     torch.testing.assert_close(restored.estimate, m.estimate)
 
 
-def test_iterative_dual_state_dict_before_any_update():
-    m = IterativeDualSolver()
-    restored = IterativeDualSolver()
+def test_lagged_dual_state_dict_before_any_update():
+    m = LaggedDualSolver()
+    restored = LaggedDualSolver()
     restored.update_(torch.tensor([1.0]))
     restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
     assert restored.lam is None and restored.estimate is None and restored.history == []
+
+
+def test_lagged_dual_with_one_step_per_iteration_is_mm_with_its_defaults():
+    """update_steps = 1: one dual step after every constraint step, on that step's estimate: MM without its EMA,
+    warm-up and log parametrization (its defaults). Larger update_steps only lag and average that step."""
+    estimates = [[3.0, -1.0], [2.0, 0.5], [-4.0, 1.0], [-1.0, -2.0], [0.5, 0.5]]
+    lagged = LaggedDualSolver(dual_lr=0.5, update_steps=1, multiplier_init=0.25, multiplier_max=2.0)
+    mm = MinimaxSolver(dual_lr=0.5, multiplier_init=0.25, multiplier_max=2.0)
+    assert _run_outer_iterations(lagged, estimates) == _run_outer_iterations(mm, estimates)

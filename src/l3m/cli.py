@@ -118,7 +118,7 @@ USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,align,reward
   train            fine-tune a model under reward constraints (L3M); plain SFT without constraints
   grpo             GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
   eval             a saved model on the test split: log-ppl, constraint (and objective) rewards, KL to a reference
-  compare          train several methods (SFT, L3M, MM, iterative dual) under one budget, one table
+  compare          train several methods (SFT, L3M, MM, lagged dual) under one budget, one table
   demo             the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
   grpo-experiment  GRPO under a length budget: no budget, fixed penalty weights, l3m barrier, dual ascent
   align            CAID: a reward minus beta KL under constraints; one-shot dual, then DPO and dual steps

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from l3m.constraints import parse_constraints
 from l3m.errors import L3MConfigError
-from l3m.solvers import SOLVERS
+from l3m.solvers import SOLVERS, renamed_solver_message
 from l3m.training.reinforce import BASELINES
 
 
@@ -28,8 +28,9 @@ class SolverConfig:
     solver: str = field(
         default="l3m",
         metadata={"help": "Where the constraint multipliers come from: 'l3m' (log barrier, Sec. 5), 'mm' (minimax "
-                          "Lagrangian: projected dual ascent after every constraint step), 'dual' (iterative dual: "
-                          "multipliers fixed for dual_update_steps constraint steps, then one dual step), 'fixed' "
+                          "Lagrangian: projected dual ascent after every constraint step), 'lagged_dual' (lagged dual "
+                          "ascent: multipliers fixed for dual_update_steps constraint steps, then one dual step on "
+                          "their mean; not CAID, which is `l3m align`), 'fixed' "
                           "(multiplier_init for every constraint, never updated: a hand-weighted penalty) or 'sft' "
                           "(ignore the constraints: plain SFT)."},
     )
@@ -45,14 +46,15 @@ class SolverConfig:
     )
     dual_lr: float = field(
         default=0.05,
-        metadata={"help": "Solvers mm/dual: dual step size, lambda <- max(0, lambda + dual_lr * C) with C the measured "
-                          "constraint value (> 0 violated). MM is sensitive to it (Sec. 6.3)."},
+        metadata={"help": "Solvers mm/lagged_dual: dual step size, lambda <- max(0, lambda + dual_lr * C) with C the "
+                          "measured constraint value (> 0 violated). MM is sensitive to it (Sec. 6.3)."},
     )
     multiplier_init: float = field(
-        default=0.0, metadata={"help": "Solvers mm/dual: initial multipliers (> 0 with dual_log_parametrization)."}
+        default=0.0,
+        metadata={"help": "Solvers mm/lagged_dual: initial multipliers (> 0 with dual_log_parametrization)."},
     )
     multiplier_max: float | None = field(
-        default=None, metadata={"help": "Solvers mm/dual: cap on the multipliers; unset means no cap."}
+        default=None, metadata={"help": "Solvers mm/lagged_dual: cap on the multipliers; unset means no cap."}
     )
     dual_warmup_steps: int = field(
         default=0, metadata={"help": "Solver mm: no dual update during the first this many constraint steps."}
@@ -70,13 +72,13 @@ class SolverConfig:
     )
     dual_update_steps: int = field(
         default=10,
-        metadata={"help": "Solver dual: constraint steps per outer iteration (multipliers fixed within it; one dual "
-                          "step on the iteration's mean estimate at its end)."},
+        metadata={"help": "Solver lagged_dual: constraint steps per outer iteration (multipliers fixed within it; "
+                          "one dual step on the iteration's mean estimate at its end)."},
     )
     dual_warm_start: bool = field(
         default=False,
-        metadata={"help": "Solver dual: start from lambda = dual_lr * max(0, C) of the first estimate instead of "
-                          "multiplier_init (a one-step simplification of the paper's one-shot dual)."},
+        metadata={"help": "Solver lagged_dual: start from lambda = dual_lr * max(0, C) of the first estimate instead "
+                          "of multiplier_init (one projected dual step from lambda = 0 on the first batch)."},
     )
     max_consecutive_skipped_steps: int = field(
         default=5,
@@ -98,6 +100,8 @@ class SolverConfig:
                 raise L3MConfigError(f"constraints: not valid YAML/JSON ({err})") from err
         self.parsed_constraints = parse_constraints(self.constraints)
         _check_field_types(self, SolverConfig)
+        renamed = renamed_solver_message(self.solver)
+        _check(renamed is None, "solver", renamed)
         _check(self.solver in solvers, "solver", f"must be one of {', '.join(solvers)}, got {self.solver!r}")
         _check(self.mu_init > 0, "mu_init", f"must be > 0, got {self.mu_init}")
         _check(0 < self.mu_final < self.mu_init, "mu_final",
@@ -127,10 +131,11 @@ class L3MConfig(SolverConfig, TrainingArguments):
 
     solver (`str`, defaults to `"l3m"`): where the weights of the constraint gradients come from (`l3m.solvers`):
         ``"l3m"`` the log barrier (Sec. 5); ``"mm"`` the minimax-Lagrangian baseline, multipliers learned by
-        projected dual ascent (Sec. 4.2, 6.3); ``"dual"`` the iterative dual baseline (Zhang et al. 2025), multipliers
-        fixed for ``dual_update_steps`` constraint steps, then one dual step; ``"fixed"`` holds ``multiplier_init``
-        (a hand-weighted penalty); ``"sft"`` ignores the constraints (plain SFT). Everything else (sampling, rewards,
-        REINFORCE, objective steps, logging, checkpoints) is shared.
+        projected dual ascent (Sec. 4.2, 6.3); ``"lagged_dual"`` lagged dual ascent, multipliers fixed for
+        ``dual_update_steps`` constraint steps, then one dual step on their mean estimate (formerly ``"dual"``; not
+        CAID, the iterative dual alignment method of Zhang et al. 2025, which is ``l3m align``); ``"fixed"`` holds
+        ``multiplier_init`` (a hand-weighted penalty); ``"sft"`` ignores the constraints (plain SFT). Everything else
+        (sampling, rewards, REINFORCE, objective steps, logging, checkpoints) is shared.
 
     > Constraints and the log barrier (Sec. 5 of the L3M paper)
 
@@ -144,7 +149,7 @@ class L3MConfig(SolverConfig, TrainingArguments):
     reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12
         (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates).
 
-    > Learned multipliers (solvers ``mm`` and ``dual``)
+    > Learned multipliers (solvers ``mm`` and ``lagged_dual``)
 
     dual_lr (`float`, defaults to `0.05`): step size of the dual update ``lambda <- max(0, lambda + dual_lr * C)``.
     multiplier_init (`float`, defaults to `0.0`) / multiplier_max (`float`, *optional*): initial multipliers and an
@@ -154,8 +159,9 @@ class L3MConfig(SolverConfig, TrainingArguments):
         ``log lambda <- log lambda + dual_lr * C``.
     dual_ema_smoothing (`float`, defaults to `1.0`): weight of a new estimate in ``mm``'s EMA of the constraint values
         (1.0: the step's own estimate).
-    dual_update_steps (`int`, defaults to `10`): constraint steps per outer iteration of ``dual``.
-    dual_warm_start (`bool`, defaults to `False`): ``dual`` starts from ``dual_lr * max(0, C)`` of its first estimate.
+    dual_update_steps (`int`, defaults to `10`): constraint steps per outer iteration of ``lagged_dual``.
+    dual_warm_start (`bool`, defaults to `False`): ``lagged_dual`` starts from ``dual_lr * max(0, C)`` of its first
+        estimate.
 
     > Sampling for constraint steps (App. A: top-p 0.9)
 

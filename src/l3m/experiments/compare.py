@@ -1,9 +1,9 @@
 """``l3m compare``: several methods trained on the same data, model, constraints and step budget, side by side.
 
 The L3M paper's comparison (Sec. 6.3, Fig. 3) in one command: every entry of ``methods`` in the YAML is one run of
-the shared trainer with its own ``solver`` (``sft``, ``l3m``, ``mm``, ``dual``) and field overrides; a ``sweep``
-expands an entry over values of any field (MM's ``dual_lr``, to which it is sensitive). Each run is evaluated on
-the same held-out prompts (:func:`l3m.evaluation.evaluate_model`), and one table lists the constraint rewards and
+the shared trainer with its own ``solver`` (``sft``, ``l3m``, ``mm``, ``lagged_dual``) and field overrides; a
+``sweep`` expands an entry over values of any field (MM's ``dual_lr``, to which it is sensitive). Each run is evaluated
+on the same held-out prompts (:func:`l3m.evaluation.evaluate_model`), and one table lists the constraint rewards and
 whether each constraint is satisfied (as its kind defines it), the task log-perplexity, the training wall time and
 the peak memory. A run that fails is reported in the table with its error, and the others go on.
 

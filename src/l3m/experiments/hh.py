@@ -20,9 +20,10 @@ from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
 from l3m.experiments.runner import RunSettings, format_table, mean_pm, train_and_evaluate
 from l3m.files import write_json
+from l3m.solvers import renamed_solver_message
 
 NAMES = ("helpful", "harmless")
-CONSTRAINED_SOLVERS = ("l3m", "mm", "dual")
+CONSTRAINED_SOLVERS = ("l3m", "mm", "lagged_dual")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class ExperimentSettings(RunSettings):
 
     def __post_init__(self):
         # bad settings stop the command before anything is trained
+        renamed = [renamed_solver_message(name) for name in self.solvers or []]
+        if any(renamed):
+            raise L3MConfigError(f"solvers: {next(message for message in renamed if message)}")
         if not self.solvers or any(name not in CONSTRAINED_SOLVERS for name in self.solvers):
             raise L3MConfigError(f"solvers: expected a list of {', '.join(CONSTRAINED_SOLVERS)}, got {self.solvers!r}")
         if not self.helpful_offsets or len(self.helpful_offsets) != len(self.harmless_offsets):

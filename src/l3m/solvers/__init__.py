@@ -3,8 +3,9 @@
 - ``l3m`` (:class:`LogBarrierSolver`): the L3M log barrier derives them in closed form (Sec. 5.2); nothing is learned.
 - ``mm`` (:class:`MinimaxSolver`): the minimax-Lagrangian baseline of Sec. 6.3; the multipliers of the Lagrangian
   (Eq. 8) are learned by projected dual ascent after every constraint step.
-- ``dual`` (:class:`IterativeDualSolver`): multipliers held fixed for an outer iteration of policy steps, then one
-  dual step (after Zhang et al. 2025, on the SFT objective).
+- ``lagged_dual`` (:class:`LaggedDualSolver`): lagged dual ascent: multipliers held fixed for ``dual_update_steps``
+  constraint steps, then one projected dual step on their mean estimate. Formerly ``dual``; it is not CAID, the
+  iterative dual alignment method of arXiv 2505.19387, which is ``l3m align`` (:mod:`l3m.alignment`).
 - ``fixed`` (:class:`FixedSolver`): hand-set weights (``multiplier_init``), never updated: the hand-weighted penalty
   baseline.
 - ``sft``: the constraints are ignored (plain SFT); no solver is consulted.
@@ -20,21 +21,33 @@ from typing import TYPE_CHECKING
 from l3m.errors import L3MConfigError
 from l3m.solvers.base import Solver
 from l3m.solvers.fixed import FixedSolver
-from l3m.solvers.iterative_dual import IterativeDualSolver
+from l3m.solvers.lagged_dual import LaggedDualSolver
 from l3m.solvers.log_barrier import LogBarrierSolver
 from l3m.solvers.minimax import MinimaxSolver
 
 if TYPE_CHECKING:
     from l3m.config import L3MConfig
 
-SOLVERS = ("l3m", "mm", "dual", "fixed", "sft")
+SOLVERS = ("l3m", "mm", "lagged_dual", "fixed", "sft")
 
-__all__ = ["SOLVERS", "FixedSolver", "IterativeDualSolver", "LogBarrierSolver", "MinimaxSolver", "Solver",
-           "build_solver"]
+# Solver names that were renamed: old name -> new name. A config naming the old one gets a one-line error
+# (:func:`renamed_solver_message`); a checkpoint saved under the old name resumes under the new one.
+RENAMED_SOLVERS = {"dual": "lagged_dual"}
+
+__all__ = ["RENAMED_SOLVERS", "SOLVERS", "FixedSolver", "LaggedDualSolver", "LogBarrierSolver", "MinimaxSolver",
+           "Solver", "build_solver", "renamed_solver_message"]
+
+
+def renamed_solver_message(name: object) -> str | None:
+    """What to say when a config names a renamed solver (after the field's name), or None for any other value."""
+    if name != "dual":
+        return None
+    return ("'dual' was renamed 'lagged_dual' (the SFT-objective lagged dual ascent); for CAID, the iterative dual "
+            "alignment method of arXiv 2505.19387, use `l3m align`")
 
 
 def build_solver(args: L3MConfig) -> Solver:
-    """The multiplier strategy of ``args.solver``: ``l3m``, ``mm``, ``dual`` or ``fixed``.
+    """The multiplier strategy of ``args.solver``: ``l3m``, ``mm``, ``lagged_dual`` or ``fixed``.
 
     ``sft`` gets the log barrier too, as a run without constraints does: the trainer ignores the constraints then,
     so the strategy is never consulted.
@@ -50,8 +63,8 @@ def build_solver(args: L3MConfig) -> Solver:
             log_parametrization=args.dual_log_parametrization,
             ema_smoothing=args.dual_ema_smoothing,
         )
-    if args.solver == "dual":
-        return IterativeDualSolver(
+    if args.solver == "lagged_dual":
+        return LaggedDualSolver(
             dual_lr=args.dual_lr,
             update_steps=args.dual_update_steps,
             multiplier_init=args.multiplier_init,

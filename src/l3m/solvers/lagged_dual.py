@@ -1,4 +1,5 @@
-"""Solver ``dual``: multipliers held fixed for an outer iteration, then one dual step (after Zhang et al. 2025)."""
+"""Solver ``lagged_dual``: dual ascent on the SFT objective's constraints with a lagged multiplier: λ held fixed for
+``dual_update_steps`` constraint steps, then one projected step on their mean estimate."""
 
 from __future__ import annotations
 
@@ -8,31 +9,29 @@ from l3m.errors import L3MConfigError
 from l3m.solvers.base import Solver, list_or_none, tensor_or_none, to_cpu_float
 
 
-class IterativeDualSolver(Solver):
-    r"""The iterative dual baseline (CAID; Zhang, Li, Hounie, Bastani, Ding, Ribeiro 2025, arXiv 2505.19387).
+class LaggedDualSolver(Solver):
+    r"""Lagged dual ascent on the SFT objective (solver ``lagged_dual``, formerly named ``dual``).
 
-    Solver ``dual``. Alternates policy optimization of the Lagrangian
-    :math:`L(\theta) + \sum_i \lambda_i C_i(\theta)` (Eq. 8 of the L3M paper) at a *fixed* :math:`\lambda` with one
-    step of projected dual descent on the dual function, whose gradient is the constraint value at the current policy:
+    The trainer minimizes the Lagrangian :math:`L(\theta) + \sum_i \lambda_i C_i(\theta)` (Eq. 8 of the L3M paper;
+    :math:`L` the SFT loss) at a :math:`\lambda` that is updated only every ``update_steps`` constraint steps:
 
     - an outer iteration *t* is ``update_steps`` optimizer steps that sample (calls of :meth:`update_`; with the
       fair coin the trainer also takes about as many objective steps in between); all of them use :math:`\lambda_t`.
     - at its end, :math:`\lambda_{t+1} = \min(\max(0, \lambda_t + \eta \bar C_t), \lambda_\max)` with
       :math:`\eta` = ``dual_lr`` and :math:`\bar C_t` the mean of the estimates measured during iteration *t*
-      (fresh samples of the current policy; in this sign convention the paper's descent on the slack is an ascent
-      on :math:`C`, so :math:`\lambda_i` grows while constraint *i* is violated).
+      (samples of the policy as it moves; :math:`\lambda_i` grows while constraint *i* is violated).
 
-    Differences from the paper, in l3m's setting (task objective = SFT loss, no reference model, no reward
-    :math:`r/\beta`): the policy step is ``update_steps`` steps of the shared trainer rather than DPO on
-    pseudo-preference pairs, and :math:`\bar C_t` averages the samples drawn *during* the iteration (as the
-    policy moves) instead of a separate sampling pass after it.
+    With ``update_steps`` = 1 this is ``mm`` without its EMA, warm-up and log parametrization; larger values hold
+    :math:`\lambda` for longer and step on an average over more samples.
+
+    This is **not** CAID, the iterative dual alignment method of Zhang, Li, Hounie, Bastani, Ding, Ribeiro (2025,
+    arXiv 2505.19387), which ``l3m align`` implements (:mod:`l3m.alignment`, docs/alignment.md): there is no
+    reward objective, no KL to a reference, no maximization of the Lagrangian to convergence between dual steps
+    (here a policy "step" is ``update_steps`` steps of the shared trainer) and no one-shot dual warm start.
 
     ``warm_start``: :math:`\lambda_0 = \eta \max(0, \hat C)` from the first estimate (one projected dual step from
-    :math:`\lambda = 0` at the initial policy), replacing ``multiplier_init``. This is a simplification of the paper's
-    warm start, which solves a one-shot dual problem to convergence on many reference-policy samples with a
-    softmax-weighted (per-prompt :math:`\exp((r + \lambda^\top g)/\beta)`) slack; here the weights are uniform (there
-    is no reward or β to form them) and a single step is taken on one batch. The first estimate also counts towards
-    :math:`\bar C_0`.
+    :math:`\lambda = 0` at the initial policy, on one batch), replacing ``multiplier_init``. The first estimate also
+    counts towards :math:`\bar C_0`.
 
     ``history`` holds :math:`\lambda_t` of every outer iteration so far (``history[t]``), ``iteration`` the number of
     dual steps taken; both are part of the state.

@@ -15,7 +15,7 @@ from trl import GRPOConfig
 from l3m.config import SolverConfig, _check
 from l3m.errors import L3MConfigError
 
-GRPO_SOLVERS = ("l3m", "mm", "dual", "fixed")
+GRPO_SOLVERS = ("l3m", "mm", "lagged_dual", "fixed")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class ConstrainedGRPOConfig(SolverConfig, GRPOConfig):
     The reward GRPO normalizes and optimizes is :math:`r_0 - \sum_i \lambda_i c_i(y)` with :math:`c_i` the per-sample
     constraint term (``b_i - r_i`` for an expectation constraint, ``C_i = E[c_i] <= 0`` satisfied) and
     :math:`\lambda_i` set every step by the solver: ``l3m`` (log barrier, closed form from an EMA, μ decaying), ``mm``
-    (projected dual ascent), ``dual`` (iterative dual) or ``fixed`` (``multiplier_init``, a hand-weighted penalty).
+    (projected dual ascent), ``lagged_dual`` (lagged dual ascent) or ``fixed`` (``multiplier_init``, a hand-weighted
+    penalty).
 
     Defaults that differ from ``GRPOConfig``: ``scale_rewards="batch"`` (docs/grpo.md: with one scale per batch the
     policy gradient is the Lagrangian's, times one positive number per step; per-group scaling reweights prompts by
@@ -42,7 +43,8 @@ class ConstrainedGRPOConfig(SolverConfig, GRPOConfig):
         default="l3m",
         metadata={"help": "Where the constraint weights come from: 'l3m' (log barrier: closed form from an EMA of "
                           "the constraint values, mu decaying), 'mm' (projected dual ascent, the PPO-Lagrangian "
-                          "baseline), 'dual' (iterative dual) or 'fixed' (multiplier_init, never updated)."},
+                          "baseline), 'lagged_dual' (dual ascent, multipliers fixed for dual_update_steps "
+                          "steps) or 'fixed' (multiplier_init, never updated)."},
     )
     scale_rewards: str = field(
         default="batch",

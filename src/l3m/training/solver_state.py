@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from l3m.errors import L3MConfigError, L3MTrainingStopped
 from l3m.files import write_json
+from l3m.solvers import RENAMED_SOLVERS
 from l3m.training.checkpoints import (SOLVER_STATE_NAME, TRAINER_STATE_NAME, StopSignals, check_resumable,
                                       last_complete_checkpoint, publish_checkpoint, remove_staging_dirs, staging_dir)
 
@@ -175,8 +176,9 @@ class SolverTrainerMixin:
         if state["constraints"] != [b.name for b in self.bounds]:
             raise L3MConfigError(f"constraints: the checkpoint was trained with {state['constraints']}, not "
                                  f"{[b.name for b in self.bounds]}")
-        if state["solver"] != self.args.solver:
-            raise L3MConfigError(f"solver: the checkpoint was trained with solver {state['solver']!r}, "
+        saved = RENAMED_SOLVERS.get(state["solver"], state["solver"])  # a checkpoint of "dual" is "lagged_dual"'s
+        if saved != self.args.solver:
+            raise L3MConfigError(f"solver: the checkpoint was trained with solver {saved!r}, "
                                  f"not {self.args.solver!r}")
         self.solver.load_state_dict(state["multipliers"])
         if "infeasibility" in state:

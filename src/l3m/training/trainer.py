@@ -3,7 +3,7 @@
 Each optimizer step flips a seeded coin (Sec. 5.4). An *objective step* takes a gradient step on the task objective
 ``L`` (length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
 scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the log-barrier multipliers (Eq. 11,
-Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``dual``, a baseline's learned multipliers (:mod:`l3m.solvers`).
+Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``lagged_dual``, a baseline's learned multipliers (:mod:`l3m.solvers`).
 The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no constraints, or
 ``solver="sft"``, every step is an objective step: plain SFT.
 
