@@ -252,7 +252,7 @@ def test_module_function_reference_resolves():
 def test_registry_names_and_callables_resolve():
     for name, func in REWARD_REGISTRY.items():
         assert resolve_reward(name) is func
-    assert set(REWARD_REGISTRY) == {"length_tokens", "length_words", "length_chars"}
+    assert set(REWARD_REGISTRY) == {"length_tokens", "length_words", "length_chars", "relevance", "civility"}
     f = lambda prompts, completions, completion_ids, **kw: [1.0] * len(completions)  # noqa: E731
     assert resolve_reward(f) is f
 

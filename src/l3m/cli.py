@@ -56,19 +56,19 @@ def cmd_grpo_experiment(argv: list[str]) -> int:
     return 0
 
 
-def cmd_align(argv: list[str]) -> int:
+def cmd_align(argv: list[str], experiment: bool = False) -> int:
     from l3m.alignment.command import align_command
+    from l3m.experiments.alignment import experiment_command
 
-    return align_command(argv)
+    return (experiment_command if experiment else align_command)(argv)
 
 
 def cmd_reward_train(argv: list[str]) -> int:
     from l3m.config import ModelConfig
     from l3m.rewards.training import RewardConfig, RewardScriptArguments, train_reward_model
 
-    script_args, reward_args, model_args = parse_command(
-        (RewardScriptArguments, RewardConfig, ModelConfig), argv, "l3m reward train",
-        "Learn a reward model from preference pairs with the Bradley-Terry loss (App. A.1).")
+    script_args, reward_args, model_args = parse_command((RewardScriptArguments, RewardConfig, ModelConfig), argv,
+        "l3m reward train", "Learn a reward model from preference pairs with the Bradley-Terry loss (App. A.1).")
     print(json.dumps(train_reward_model(script_args, reward_args, model_args), indent=2))
     print(f"Saved the reward model to {reward_args.output_dir}; constrain it with "
           f"reward: {{path: {reward_args.output_dir}}}")
@@ -112,8 +112,9 @@ def _dispatch(commands: dict, usage: str, argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "grpo": lambda argv: cmd_train(argv, grpo=True), "eval": cmd_eval,
             "compare": cmd_compare, "demo": cmd_demo, "grpo-experiment": cmd_grpo_experiment, "align": cmd_align,
+            "align-experiment": lambda argv: cmd_align(argv, experiment=True),
             "reward": lambda argv: _dispatch(REWARD_COMMANDS, REWARD_USAGE, argv)}
-USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,align,reward} [--config FILE.yaml] [--field ...]
+USAGE = """usage: l3m <command> [--config FILE.yaml] [--field value ...]
 
   train            fine-tune a model under reward constraints (L3M); plain SFT without constraints
   grpo             GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by an l3m solver
@@ -122,6 +123,7 @@ USAGE = """usage: l3m {train,grpo,eval,compare,demo,grpo-experiment,align,reward
   demo             the offline Fig. 2 demo: SFT and two length-constrained L3Ms on SmolLM2-135M
   grpo-experiment  GRPO under a length budget: no budget, fixed penalty weights, l3m barrier, dual ascent
   align            CAID: a reward minus beta KL under constraints; one-shot dual, then DPO and dual steps
+  align-experiment CAID, its one-shot predecessor, l3m barrier, dual ascent on the helpful/harmless stand-in
   reward           train / build-standin / experiment: preference reward models and the offline HH stand-in
 
 `l3m <command> --help` lists every field of a command."""

@@ -20,8 +20,8 @@ adapter (:mod:`l3m.alignment.policy`).
 
 Every iterate is recorded (``iterations.jsonl`` in ``output_dir``): iteration 0 is :math:`\pi_\mathrm{ref}` with the
 one-shot solution; iteration *t* is :math:`\pi_t`, the :math:`\lambda` it was trained for, the objective, the KL and
-each constraint's reward and slack (mean and standard error over prompts), whether it is met, and the next
-:math:`\lambda`. ``caid_state.json`` (written last, atomically) marks the last finished iteration; a run in an
+each constraint's reward and slack (mean and standard error over prompts), whether it is met, the next
+:math:`\lambda`, and the seconds its policy step and sampling pass took. ``caid_state.json`` (written last, atomically) marks the last finished iteration; a run in an
 ``output_dir`` that holds one resumes after it, from the saved samples (each policy is saved under
 ``iteration-<t>/model``).
 """
@@ -32,6 +32,7 @@ import copy
 import json
 import logging
 import os
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -53,13 +54,19 @@ RECORDS_NAME = "iterations.jsonl"
 SAMPLES_NAME = "samples.jsonl"
 
 
-def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None) -> list[dict]:
+def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None,
+             reference_samples: Samples | None = None) -> list[dict]:
     r"""Run CAID on the prompts of ``train_dataset`` (a ``prompt`` or ``messages`` column) from ``model``
     (:math:`\pi_\mathrm{ref}`, left untrained) and return the record of every iterate (module docstring).
 
     With ``peft_config`` every policy step trains a fresh LoRA adapter on ``model`` (the reference is ``model`` with
     the adapter disabled); without, a copy of ``model`` (then two models are in memory). Resumes from
     ``args.output_dir`` when it holds a run with the same problem (reward, constraints, beta, prompts, samples).
+
+    ``reference_samples``: a pass of ``model`` over these prompts, scored by the same objective and constraint rewards
+    (:func:`l3m.alignment.samples.sample_and_score`, ``num_generations`` per prompt), to warm-start from instead of
+    sampling: runs that differ only in their thresholds can share it (its slack is retaken against ``args``'
+    bounds). Each record's ``seconds`` times its policy step and its sampling pass (0 for a shared pass).
     """
     prompts = render_prompts(train_dataset, tokenizer)
     objective = resolve_reward(args.reward, field="reward")
@@ -72,12 +79,18 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
                   settings=args)
     state = _load_state(args.output_dir, _settings(args, bounds, len(prompts.ids)))
     if state is None:
-        torch.manual_seed(args.seed)
-        samples = sample_and_score(model, **sample, description="Sampling pi_ref")
+        started = time.time()
+        if reference_samples is None:
+            torch.manual_seed(args.seed)
+            samples = sample_and_score(model, **sample, description="Sampling pi_ref")
+        else:
+            _check_reference_samples(reference_samples, len(prompts.ids), args.num_generations)
+            samples = reference_samples.with_bounds(bounds)
+        seconds = {"policy_step": 0.0, "sampling": time.time() - started}
         solution = solve_one_shot_dual(samples.objective, samples.slack, zeros, args.beta, lam_max=args.multiplier_max)
         _warn_about(solution, names)
         record = {**_record(0, None, samples, bounds, args.beta, solution.lam),
-                  "one_shot": _one_shot_record(solution, samples, names, args.beta)}
+                  "one_shot": _one_shot_record(solution, samples, names, args.beta), "seconds": seconds}
         state = {"settings": _settings(args, bounds, len(prompts.ids)), "completed": 0, "records": [record]}
         _save(args.output_dir, 0, samples, state)
     else:
@@ -85,6 +98,7 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
     lam = torch.tensor(list(state["records"][-1]["next_multipliers"].values()), dtype=torch.float64)
     iterations = range(state["completed"] + 1, args.outer_iterations + 1)
     for t in tqdm(iterations, desc="CAID outer iterations", disable=args.disable_tqdm):
+        started = time.time()
         chosen, rejected = pseudo_preference_pairs(samples.objective + samples.slack @ lam, args.beta,
                                                    torch.Generator().manual_seed(args.seed * 1_000_003 + t),
                                                    deterministic=args.deterministic_pairs)
@@ -92,12 +106,15 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
         step_args = args.policy_step_config(_path(args.output_dir, t, "dpo"))
         policy = dpo_policy_step(model, tokenizer, dataset, step_args, peft_config=copy.deepcopy(peft_config))
         reference_logps = _reference_logps(policy if peft_config is not None else None, model)
+        seconds = {"policy_step": time.time() - started}
+        started = time.time()
         torch.manual_seed(args.seed + t)
         samples = sample_and_score(policy, **sample, description=f"Sampling pi_{t}",
                                    log_ratio=lambda c: sequence_logps(policy, c) - reference_logps(c))
         next_lam = dual_step(lam, samples.slack.mean(dim=(0, 1)), zeros, args.dual_lr, args.multiplier_max)
-        state = {**state, "completed": t, "records": [*state["records"],
-                                                      _record(t, lam, samples, bounds, args.beta, next_lam)]}
+        record = {**_record(t, lam, samples, bounds, args.beta, next_lam),
+                  "seconds": {**seconds, "sampling": time.time() - started}}
+        state = {**state, "completed": t, "records": [*state["records"], record]}
         with atomic_path(_path(args.output_dir, t, "model"), directory=True) as staging:
             policy.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -107,6 +124,14 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
             model = policy.unload()  # the base model again, without LoRA layers
         lam = next_lam
     return state["records"]
+
+
+def _check_reference_samples(samples: Samples, num_prompts: int, num_generations: int) -> None:
+    if tuple(samples.objective.shape) != (num_prompts, num_generations):
+        raise L3MConfigError(f"reference_samples: {tuple(samples.objective.shape)} responses (prompts x per prompt); "
+                             f"this run has {num_prompts} prompts and num_generations={num_generations}")
+    if samples.log_ratio.abs().max().item() != 0:
+        raise L3MConfigError("reference_samples: not samples of pi_ref (their log-ratio to pi_ref is not 0)")
 
 
 def _reference_logps(peft_policy, reference):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -88,6 +88,17 @@ class Samples:
                                    "rewards": {k: v[i].tolist() for k, v in self.rewards.items()},
                                    "slack": self.slack[i].tolist(), "log_ratio": self.log_ratio[i].tolist(),
                                    "truncated": self.truncated[i].tolist()} for i in range(len(self.responses))))
+
+    def with_bounds(self, bounds: Sequence[Bound]) -> Samples:
+        """The same responses and rewards, their slack taken against ``bounds`` (other thresholds on the constraints
+        these samples were scored for): one pass of pi_ref serves several problems that differ only in thresholds."""
+        missing = sorted({bound.constraint.name for bound in bounds} - set(self.rewards))
+        if missing:
+            raise L3MConfigError(f"reference_samples: no rewards of constraint(s) {missing}; they were scored for "
+                                 f"{sorted(self.rewards)}")
+        m, n = self.objective.shape
+        flat = {name: values.reshape(-1) for name, values in self.rewards.items()}
+        return replace(self, slack=-violations(bounds, flat).double().reshape(m, n, len(bounds)))
 
     @classmethod
     def load(cls, path: str) -> Samples:

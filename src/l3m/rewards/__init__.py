@@ -1,7 +1,7 @@
 """Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **kwargs) -> list[float]``.
 
-A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``, ``relevance``), a
-``module:function`` reference to any callable with that signature, a reward model (a mapping such as
+A constraint's ``reward`` names a built-in (``length_tokens``, ``length_words``, ``length_chars``, ``relevance``,
+``civility``), a ``module:function`` reference to any callable with that signature, a reward model (a mapping such as
 ``{type: lm, path: outputs/rm}``, see :mod:`l3m.rewards.models`), or is the callable itself.
 
 The trainer calls every reward with keyword arguments, as TRL's ``GRPOTrainer`` does: ``prompts`` (the prompt texts
@@ -59,11 +59,21 @@ def relevance(prompts, completions, completion_ids, question=None, **kwargs) -> 
     return relevance_scores(list(question) if question is not None else list(prompts), list(completions))
 
 
+def civility(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Response civility: VADER's compound sentiment of the response in [-1, 1], higher for kinder words
+    (:func:`l3m.rewards.standin.civility_scores`, the stand-in's "harmless" scorer; needs ``pip install
+    'l3m[standin]'``)."""
+    from l3m.rewards.standin import civility_scores
+
+    return civility_scores(list(completions))
+
+
 REWARD_REGISTRY: dict[str, RewardFunc] = {
     "length_tokens": length_tokens,
     "length_words": length_words,
     "length_chars": length_chars,
     "relevance": relevance,
+    "civility": civility,
 }
 
 
