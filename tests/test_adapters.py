@@ -49,3 +49,39 @@ def test_lora_with_gradient_checkpointing_trains_the_adapter_only(tmp_path, monk
     assert ("generate", False) in generating_modes and True in generating_modes
     assert ("generate", True) not in generating_modes
     assert trainer.model.base_model.model.is_activation_checkpointing
+
+
+def test_the_log_prob_pass_runs_without_lora_dropout():
+    """With lora_dropout=0.5 two log-prob passes over the same responses give the same values (with the dropout on
+    they differ), with autograd on, gradient checkpointing kept, and training mode restored after."""
+    from l3m.sampling import completion_logps, dropout_off, sample_completions
+
+    tokenizer = build_tokenizer()
+    model = peft.get_peft_model(build_model(tokenizer), peft.LoraConfig(
+        r=4, lora_dropout=0.5, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["please say w1 w2", "count w7 w8 w9"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    completions = sample_completions(model, batch["input_ids"], batch["attention_mask"], [tokenizer.eos_token_id],
+                                     tokenizer.pad_token_id, num_generations=2, max_new_tokens=6)
+    model.train()
+    first, second = completion_logps(model, completions), completion_logps(model, completions)
+    assert first.requires_grad and torch.equal(first, second)
+    with torch.no_grad():  # the same pass with the dropout on: the check above can fail
+        model.train()
+        noisy = [torch.nn.functional.log_softmax(model(input_ids=completions.sequences,
+                                                       attention_mask=completions.attention_mask).logits, -1)
+                 for _ in range(2)]
+    assert not torch.equal(*noisy)
+    assert all(m.training for m in model.modules())
+
+    model.base_model.model.activation_checkpointing_enable()
+    model.train()
+    with dropout_off(model):
+        dropouts = [m for n, m in model.named_modules() if "lora_dropout." in n]
+        assert dropouts and not any(m.training for m in dropouts)
+        layers = model.base_model.model.model.layers
+        assert all(layer.training for layer in layers)  # their flag keeps checkpointing on
+    assert all(m.training for m in model.modules())
+    third = completion_logps(model, completions)
+    torch.testing.assert_close(third, first, rtol=1e-5, atol=1e-6)  # the whole-sequence fallback of checkpointing

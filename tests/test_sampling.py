@@ -1,5 +1,7 @@
 """Sharing each prompt's prefix across its G samples changes no result: same samples, same log-probs, same gradients.
 
+The log-prob pass scores at the sampling temperature; at temperature 1 it computes what it computed before it took one.
+
 And a deprecated call like the ones the sampler used to make fails the suite when l3m makes it, not when a library does.
 """
 
@@ -11,8 +13,10 @@ import warnings
 import pytest
 import torch
 
+from fixtures.scoring import brute_force_logps
 from fixtures.tiny import build_model, build_tokenizer
-from l3m.sampling import completion_logps, response_nll, sample_completions
+from l3m.sampling import (completion_logps, length_normalized_logps, position_ids_from, prompt_cache, response_nll,
+                          sample_completions)
 
 
 def _prompts(tokenizer):
@@ -54,6 +58,64 @@ def test_shared_prompt_logps_and_gradients_equal_whole_sequence_ones():
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _sampled(model, tokenizer, **kwargs):
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(0)
+    completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
+                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=8, **kwargs)
+    assert len({len(c) for c in completions.completion_ids}) > 1  # responses of different lengths
+    return completions
+
+
+def _logps_before_temperature(model, completions):
+    """completion_logps as it was before it scored at the sampling temperature (verbatim but for the names)."""
+    num_logits = completions.completion_mask.shape[1]
+    group, prompt_length = completions.group_size, completions.prompt_mask.shape[1]
+    shared = prompt_cache(model, completions.sequences[::group, :prompt_length], completions.prompt_mask[::group],
+                          group) if group > 1 else None
+    if shared is None:
+        mask = completions.attention_mask
+        logits = model(input_ids=completions.sequences, attention_mask=mask, position_ids=position_ids_from(mask),
+                       use_cache=False, logits_to_keep=num_logits + 1).logits
+        logits = logits[:, :-1].float()
+        targets = completions.sequences[:, -num_logits:]
+        logps = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return length_normalized_logps(logps, completions.completion_mask)
+    cache, first_logits = shared
+    mask = completions.attention_mask
+    targets = completions.sequences[:, prompt_length:]
+    logits = model(input_ids=targets, attention_mask=mask, position_ids=position_ids_from(mask)[:, prompt_length:],
+                   cache=cache, use_cache=True, logits_to_keep=num_logits).logits
+    logits = torch.cat([first_logits, logits[:, :-1]], dim=1).float()
+    logps = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return length_normalized_logps(logps, completions.completion_mask)
+
+
+@pytest.mark.parametrize("group", [4, 1])
+def test_logps_at_temperature_one_equal_those_before_the_temperature_bit_for_bit(group):
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    completions = dataclasses.replace(_sampled(model, tokenizer), group_size=group)
+    model.train()  # as in the constraint step
+    with torch.no_grad():
+        before = _logps_before_temperature(model, completions)
+    assert torch.equal(completion_logps(model, completions), before)
+    assert torch.equal(completion_logps(model, completions, temperature=1.0), before)
+
+
+@pytest.mark.parametrize("group", [4, 1])
+def test_logps_at_a_temperature_are_the_log_softmax_of_the_scaled_logits(group):
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    completions = dataclasses.replace(_sampled(model, tokenizer, temperature=0.7), group_size=group)
+    model.train()
+    logps = completion_logps(model, completions, temperature=0.7)
+    assert logps.requires_grad  # the pass the gradient is taken through
+    torch.testing.assert_close(logps.detach(), brute_force_logps(model, completions, 0.7), rtol=1e-5, atol=1e-5)
+    # and not the temperature-1 values: the check can tell them apart
+    assert (brute_force_logps(model, completions, 1.0) - logps.detach()).abs().max() > 1e-2
 
 
 def test_response_nll_over_response_positions_only_equals_the_full_computation():

@@ -297,8 +297,8 @@ def test_the_per_token_baseline_gets_each_responses_normalizer(tmp_path, monkeyp
     original_logps = trainer_module.completion_logps
     masks = []
     monkeypatch.setattr(trainer_module, "completion_logps",
-                        lambda model, completions: masks.append(completions.completion_mask) or
-                        original_logps(model, completions))
+                        lambda model, completions, **kwargs: masks.append(completions.completion_mask) or
+                        original_logps(model, completions, **kwargs))
     trainer = make_trainer(tmp_path, [Constraint("length_tokens", min=2, max=5, name="length")], max_steps=2,
                            objective_step_probability=0.0, reinforce_baseline="leave_one_out_per_token")
     trainer.train()
@@ -306,3 +306,29 @@ def test_the_per_token_baseline_gets_each_responses_normalizer(tmp_path, monkeyp
     for (_, lengths), mask in zip(seen, masks):
         assert torch.equal(lengths, mask.sum(dim=1))
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_the_constraint_step_scores_its_samples_at_the_sampling_temperature(tmp_path, monkeypatch, temperature):
+    """The log-probs whose gradient the REINFORCE step takes are log_softmax(logits / T) at the sampled tokens, T the
+    temperature the responses were sampled at (at T = 1: the values the trainer computed before it passed T on)."""
+    import l3m.training.trainer as trainer_module
+    from fixtures.scoring import brute_force_logps
+
+    checked = []
+    original_logps = trainer_module.completion_logps
+
+    def checking(model, completions, **kwargs):
+        logps = original_logps(model, completions, **kwargs)
+        if temperature == 1.0:
+            assert torch.equal(logps, original_logps(model, completions))  # bit for bit as before
+        torch.testing.assert_close(logps.detach(), brute_force_logps(model, completions, temperature),
+                                   rtol=1e-5, atol=1e-5)
+        checked.append(len(logps))
+        return logps
+
+    monkeypatch.setattr(trainer_module, "completion_logps", checking)
+    trainer = make_trainer(tmp_path, [Constraint("length_tokens", min=2, max=5, name="length")], max_steps=1,
+                           objective_step_probability=0.0, temperature=temperature, max_completion_length=8)
+    trainer.train()
+    assert checked == [2 * trainer.args.per_device_train_batch_size]

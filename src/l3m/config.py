@@ -201,9 +201,17 @@ class L3MConfig(SolverConfig, TrainingArguments):
     max_completion_length: int = field(
         default=64, metadata={"help": "Maximum new tokens per sampled response (max_new_tokens)."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only)."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of constraint steps; the REINFORCE log-prob pass scores "
+                                       "the samples at the same temperature (log_softmax(logits / temperature))."}
+    )
+    top_p: float = field(
+        default=0.9, metadata={"help": "Nucleus sampling probability (App. A: 0.9). The log-prob pass scores the full "
+                                       "softmax, not the renormalized nucleus: below 1 the REINFORCE estimate is "
+                                       "slightly off-policy (docs/solver.md); 1 makes it on-policy."}
+    )
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it (the paper uses top-p only). Like "
+                                                    "top_p, not renormalized in the log-prob pass."})
     max_length: int = field(
         default=512, metadata={"help": "Examples whose prompt plus response exceed this many tokens are dropped."}
     )

@@ -1,5 +1,9 @@
 """Sampling responses from the policy, and length-normalized response log-likelihoods.
 
+The log-prob pass scores responses under the distribution they were sampled from, as far as the REINFORCE estimate
+needs (docs/solver.md, "What the log-prob pass scores"): at the sampling temperature (``log_softmax(logits / T)``),
+over the full vocabulary (top-p / top-k truncation is not renormalized), with dropout off as in generation.
+
 Shapes: B prompts, G samples per prompt, N = B*G responses, P prompt tokens (left padded), L completion tokens.
 
 The G responses to one prompt share its prefix: generation and the log-prob pass of a constraint step run the prompt
@@ -10,6 +14,7 @@ checkpointing turns the KV cache off in training mode, so the log-prob pass then
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -108,17 +113,45 @@ def sample_completions(
     return Completions(sequences, prompt_mask, completion_mask, completion_ids, ~has_stop, num_generations)
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logits: int) -> torch.Tensor:
-    """Log-probabilities ``(N, num_logits)`` of the last ``num_logits`` tokens of each row given what precedes them.
+@contextmanager
+def dropout_off(model):
+    """Switch dropout off in ``model`` for the block, keeping autograd and gradient checkpointing; restore after.
+
+    Every module in training mode is put in eval mode (``nn.Dropout``, peft's ``lora_dropout``, and the attention
+    dropout a module applies when ``self.training``) except the modules with gradient checkpointing on: their
+    ``training`` flag is what turns checkpointing (and the KV cache off) on, so the pass keeps the memory and code path
+    it had in training mode. Dropout written in such a module's own forward (not in a submodule) would stay on; the
+    Llama-family decoder layers have none.
+    """
+    changed = [m for m in model.modules() if m.training and not getattr(m, "gradient_checkpointing", False)]
+    for module in changed:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            module.training = True
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities of ``targets`` ``(N, L)`` under ``softmax(logits / temperature)``, logits ``(N, L, V)``."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logits: int,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities ``(N, num_logits)`` of the last ``num_logits`` tokens of each row given what precedes them,
+    under ``softmax(logits / temperature)``.
 
     Position ids follow the attention mask, so left-padded rows are handled like unpadded ones.
     """
     # only the lm_head rows that predict the last tokens are computed (logits_to_keep)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
                    use_cache=False, logits_to_keep=num_logits + 1).logits
-    logits = logits[:, :-1].float()  # (N, num_logits, V)
-    targets = input_ids[:, -num_logits:]
-    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return _scored(logits[:, :-1], input_ids[:, -num_logits:], temperature)  # (N, num_logits)
 
 
 def length_normalized_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,23 +164,31 @@ def length_normalized_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> to
     return (token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-def completion_logps(model, completions: Completions) -> torch.Tensor:
-    """Length-normalized log-likelihoods ``(N,)`` of sampled responses under ``model`` (differentiable)."""
+def completion_logps(model, completions: Completions, temperature: float = 1.0) -> torch.Tensor:
+    """Length-normalized log-likelihoods ``(N,)`` of sampled responses under ``model`` (differentiable).
+
+    Scored as they were sampled (:func:`sample_completions`): at ``temperature`` (pass the sampling one) and with
+    dropout off (:func:`dropout_off`); over the full vocabulary, i.e. top-p / top-k truncation is not renormalized.
+    """
+    with dropout_off(model):
+        return _completion_logps(model, completions, temperature)
+
+
+def _completion_logps(model, completions: Completions, temperature: float) -> torch.Tensor:
     num_logits = completions.completion_mask.shape[1]
     group, prompt_length = completions.group_size, completions.prompt_mask.shape[1]
     shared = prompt_cache(model, completions.sequences[::group, :prompt_length], completions.prompt_mask[::group],
                           group) if group > 1 else None
     if shared is None:
-        logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits)
+        logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits, temperature)
         return length_normalized_logps(logps, completions.completion_mask)
     cache, first_logits = shared
     mask = completions.attention_mask
     targets = completions.sequences[:, prompt_length:]
     logits = model(input_ids=targets, attention_mask=mask, position_ids=position_ids_from(mask)[:, prompt_length:],
                    cache=cache, use_cache=True, logits_to_keep=num_logits).logits
-    logits = torch.cat([first_logits, logits[:, :-1]], dim=1).float()  # (N, L, V): the logits predicting each token
-    logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return length_normalized_logps(logps, completions.completion_mask)
+    logits = torch.cat([first_logits, logits[:, :-1]], dim=1)  # (N, L, V): the logits predicting each token
+    return length_normalized_logps(_scored(logits, targets, temperature), completions.completion_mask)
 
 
 def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -205,7 +205,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
                                            multipliers.to(device), args.reinforce_baseline,
                                            group_size=args.num_generations,
                                            lengths=completions.completion_mask.sum(dim=1))  # Eq. 12's |y|
-        loss = reinforce_loss(advantages, completion_logps(model, completions))
+        # scored as sampled: at the sampling temperature, dropout off (docs/solver.md, "What the log-prob pass scores")
+        loss = reinforce_loss(advantages, completion_logps(model, completions, temperature=args.temperature))
 
         lengths = torch.tensor([len(ids) for ids in completions.completion_ids], dtype=torch.float32, device=device)
         self._metrics["completions/mean_length"].append(self.accelerator.gather(lengths).mean().item())
