@@ -201,13 +201,21 @@ def _mean_se(values) -> tuple[float, float]:
     return mean, spread / math.sqrt(n)
 
 
+def _median_step(history: list[dict]) -> str:
+    """The median of TRL's logged ``step_time`` (seconds per GRPO step), less sensitive than the total to a
+    passing load on the machine."""
+    times = sorted(entry["step_time"] for entry in history if "step_time" in entry)
+    return f"{times[len(times) // 2]:.1f}" if times else "-"
+
+
 def budget_table(records: list[dict]) -> str:
     """One row per arm: the objective, its relevance part and the length (mean ± s.e. over held-out prompts), budget met, responses inside the
-    budget, KL to the initial model (nats per response), the last multiplier, task log-ppl, training time."""
+    budget, KL to the initial model (nats per response), the last multiplier, task log-ppl, training time (total and
+    median step)."""
     columns = [("arm", 18, "<"), ("objective ± s.e.", 16, ">"), ("relevance ± s.e.", 16, ">"),
                ("length ± s.e.", 13, ">"), ("budget met", 10, ">"),
                ("inside", 6, ">"), ("KL ± s.e.", 11, ">"), ("last λ", 8, ">"), ("task log-ppl", 12, ">"),
-               ("train s", 7, ">")]
+               ("train s", 7, ">"), ("median step s", 13, ">")]
     rows = []
     for r in records:
         s = r["summary"]
@@ -217,5 +225,5 @@ def budget_table(records: list[dict]) -> str:
                      "yes" if s["length/satisfied"] else "NO", f"{100 * s['length/inside_frac']:.0f}%",
                      mean_pm(*_mean_se(r["kl"]), 2),
                      "-" if r["final_multiplier"] is None else f"{r['final_multiplier']:.3g}",
-                     f"{s['log_ppl_mean']:.3f}", f"{r['train_seconds']:.0f}"])
+                     f"{s['log_ppl_mean']:.3f}", f"{r['train_seconds']:.0f}", _median_step(r["history"])])
     return format_table(columns, rows)
