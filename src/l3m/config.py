@@ -340,6 +340,21 @@ class ModelConfig(trl.ModelConfig):
     )
 
 
+@dataclass
+class TrainerModelConfig(trl.ModelConfig):
+    """The model arguments of ``l3m grpo`` and ``l3m align``: :class:`ModelConfig`'s, except ``trust_remote_code``,
+    which their trainer configs (TRL's ``GRPOConfig``, ``DPOConfig``) already have (the loader reads it there)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts: 'all-linear' (every linear layer but the output head) or names, "
+                          "e.g. q_proj v_proj."},
+    )
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise L3MConfigError(f"{name}: {message}")

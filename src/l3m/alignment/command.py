@@ -15,29 +15,11 @@ model's (``model_name_or_path``, ``use_peft`` and the LoRA fields)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import trl
-
 from l3m.alignment.config import CAIDConfig
 from l3m.alignment.samples import check_prompts
 
 DESCRIPTION = ("CAID: maximize a reward minus beta KL to the initial model under reward constraints; a one-shot dual "
                "warm start, then DPO policy steps and dual steps (docs/alignment.md).")
-
-
-@dataclass
-class AlignModelConfig(trl.ModelConfig):
-    """``l3m align``'s model arguments: TRL's, except ``trust_remote_code``, which ``DPOConfig`` already has."""
-
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
-    )
-    lora_target_modules: list[str] | None = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules LoRA adapts: 'all-linear' (every linear layer but the output head) or names, "
-                          "e.g. q_proj v_proj."},
-    )
 
 
 def align(script_args, args: CAIDConfig, model_args) -> list[dict]:
@@ -55,11 +37,11 @@ def align(script_args, args: CAIDConfig, model_args) -> list[dict]:
 
 def align_command(argv: list[str]) -> int:
     """``l3m align``: parse ``argv``, run CAID, print one line per iterate."""
-    from l3m.config import ScriptArguments
+    from l3m.config import ScriptArguments, TrainerModelConfig
     from l3m.parsing import parse_command
 
-    script_args, args, model_args = parse_command((ScriptArguments, CAIDConfig, AlignModelConfig), argv, "l3m align",
-                                                  DESCRIPTION)
+    script_args, args, model_args = parse_command((ScriptArguments, CAIDConfig, TrainerModelConfig), argv,
+                                                  "l3m align", DESCRIPTION)
     records = align(script_args, args, model_args)
     for record in records:
         print(format_record(record))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import trl
 import yaml
 from trl import GRPOConfig
 
@@ -65,18 +64,3 @@ class ConstrainedGRPOConfig(SolverConfig, GRPOConfig):
                "must be 'sum_then_normalize' with constraints: 'normalize_then_sum' would weight each constraint's "
                "per-group z-score, not c_i, so lambda_i would no longer be its multiplier")
         super().__post_init__()
-
-
-@dataclass
-class GRPOModelConfig(trl.ModelConfig):
-    """``l3m grpo``'s model arguments: :class:`l3m.ModelConfig`'s, except ``trust_remote_code``, which
-    ``GRPOConfig`` already has (the loader reads it from there)."""
-
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A hub model id or a local folder; 'demo' for the embedded SmolLM2-135M."}
-    )
-    lora_target_modules: list[str] | None = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules LoRA adapts: 'all-linear' (every linear layer but the output head) or names, "
-                          "e.g. q_proj v_proj."},
-    )
