@@ -4,6 +4,7 @@ samples, gradients averaged once and then clipped, equal parameters at the end."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -27,7 +28,17 @@ def _launch(out_dir, *flags) -> subprocess.CompletedProcess:
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(l3m.__file__)), TESTS_DIR]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
                str(out_dir), *flags]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    # its own process group, so that a timeout stops the workers too, not only the torchrun launcher (which would
+    # leave two workers spinning in gloo and slow every later test)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            stderr += "\n[the 2-process run timed out after 600 s; its process group was killed]"
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
