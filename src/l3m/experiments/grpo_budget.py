@@ -14,9 +14,9 @@ seed and prompts:
 - ``mm``: dual ascent on the weight (the primal-dual / PPO-Lagrangian baseline).
 
 Each model is evaluated on held-out prompts (one response each, sampled as in training): the objective, its
-relevance part and the length (mean ± standard error), the KL to the initial model, whether the mean meets the budget, the share of responses inside it, and the task
-log-perplexity of the corpus's answers. ``results.json`` is rewritten after each arm; the figure plots relevance
-against length with the budget as a line.
+relevance part and the length (mean ± standard error), the KL to the initial model, whether the mean meets the
+budget, the share of responses inside it, and the task log-perplexity of the corpus's answers. ``results.json`` is
+rewritten after each arm; the figure plots the objective against the length with the budget as a line.
 """
 
 from __future__ import annotations
@@ -106,10 +106,10 @@ def prompt_splits(settings: BudgetSettings):
     return train, test
 
 
-def run_arm(settings: BudgetSettings, label: str, solver: str, weight: float, train_dataset, test_dataset,
+def run_arm(settings: BudgetSettings, label: str, solver: str | None, weight: float, train_dataset, test_dataset,
             reference) -> dict:
-    """Train one arm from the initial model and evaluate it (its KL to ``reference``, the initial model, included);
-    returns its record."""
+    """Train one arm from the initial model (``solver`` None: evaluate the initial model) and evaluate it, its KL to
+    ``reference`` (the initial model) included; returns its record."""
     import torch
 
     from l3m.config import ModelConfig
@@ -170,9 +170,8 @@ def run_arm(settings: BudgetSettings, label: str, solver: str, weight: float, tr
 
 def run_budget_experiment(settings: BudgetSettings) -> list[dict]:
     """Run every arm (:meth:`BudgetSettings.arms`); writes ``results.json`` after each and the figure at the end."""
-    from l3m.experiments.plots import BudgetPoint, plot_budget_figure
-
     from l3m.config import ModelConfig
+    from l3m.experiments.plots import BudgetPoint, plot_budget_figure
     from l3m.loading import load_model_and_tokenizer
 
     started = time.time()
@@ -209,9 +208,9 @@ def _median_step(history: list[dict]) -> str:
 
 
 def budget_table(records: list[dict]) -> str:
-    """One row per arm: the objective, its relevance part and the length (mean ± s.e. over held-out prompts), budget met, responses inside the
-    budget, KL to the initial model (nats per response), the last multiplier, task log-ppl, training time (total and
-    median step)."""
+    """One row per arm: the objective, its relevance part and the length (mean ± s.e. over held-out prompts), budget
+    met, responses inside the budget, KL to the initial model (nats per response), the last multiplier, task log-ppl,
+    training time (total and median step)."""
     columns = [("arm", 18, "<"), ("objective ± s.e.", 16, ">"), ("relevance ± s.e.", 16, ">"),
                ("length ± s.e.", 13, ">"), ("budget met", 10, ">"),
                ("inside", 6, ">"), ("KL ± s.e.", 11, ">"), ("last λ", 8, ">"), ("task log-ppl", 12, ">"),
