@@ -119,7 +119,7 @@ class AlignmentSettings(RunSettings):
                 raise L3MConfigError(f"{name}: expected an integer >= {least}, got {getattr(self, name)}")
         if self.quick:
             self.train_prompts, self.num_generations, self.test_size, self.dpo_batch_size = 4, 2, 4, 2
-            self.per_device_train_batch_size = 4
+            self.per_device_train_batch_size = 8  # 2 GRPO steps of 4 prompts x 2 responses
             self.max_completion_length = self.eval_max_new_tokens = 8
         if self.per_device_train_batch_size % self.num_generations:
             raise L3MConfigError(f"per_device_train_batch_size: GRPO's {self.per_device_train_batch_size} completions "
@@ -217,16 +217,18 @@ def grpo_arm(settings: AlignmentSettings, solver: str, threshold: float, output_
     return trainer.model, time.time() - started, history
 
 
-def evaluate(settings: AlignmentSettings, label: str, model, tokenizer, test, reference, objective) -> dict:
+def evaluate(settings: AlignmentSettings, label: str, model, tokenizer, test, reference, objective,
+             threshold: float) -> dict:
     """One response per held-out prompt: relevance, civility and the exact KL to ``reference`` (per sample), the
-    summary and a few samples."""
+    summary (``harmless/satisfied``: mean civility >= ``threshold``) and a few samples."""
     from l3m.evaluation import evaluate_model
 
     started = time.time()
-    result = evaluate_model(model, tokenizer, test, constraints=[Constraint(reward="civility", min=-1.0, name=NAME)],
-                            objective={"relevance": objective}, reference_model=reference,
-                            max_new_tokens=settings.eval_max_new_tokens, temperature=1.0, top_p=1.0,
-                            batch_size=settings.test_size, seed=settings.seed, description=f"Evaluating {label}")
+    civility = Constraint(reward="civility", min=threshold, name=NAME)
+    result = evaluate_model(model, tokenizer, test, constraints=[civility], objective={"relevance": objective},
+                            reference_model=reference, max_new_tokens=settings.eval_max_new_tokens, temperature=1.0,
+                            top_p=1.0, batch_size=settings.test_size, seed=settings.seed,
+                            description=f"Evaluating {label}")
     return {"objective": result["objective"], "constraint": result["rewards"][NAME], "kl": result["kl"],
             "eval_seconds": time.time() - started, "summary": result["summary"], "samples": result["samples"][:6]}
 
@@ -277,8 +279,9 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
         write_json(results_path, results)
 
     print(f"\n[1/{total}] initial (pi_ref)", flush=True)
+    initial = evaluate(settings, "initial", reference, tokenizer, test, reference, objective, min(thresholds))
     add({"label": "initial", "method": "initial", "threshold": None, "train_seconds": 0.0, "responses": 0,
-         "multiplier": None, **evaluate(settings, "initial", reference, tokenizer, test, reference, objective)})
+         "multiplier": None, **initial})
     for index, (b, offset) in enumerate(zip(thresholds, settings.threshold_offsets), start=1):
         caid_dir = os.path.join(settings.output_dir, f"caid_b{index}")
         shutil.rmtree(caid_dir, ignore_errors=True)  # every run starts fresh: run_caid would resume an old one
@@ -297,7 +300,7 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
             add({"label": label, "method": label.split()[0], "threshold": b, "train_seconds": train_seconds,
                  "responses": m * n * (1 if label.startswith("CAN") else k + 1), "iterate": t,
                  "multiplier": records[t - 1]["next_multipliers"][NAME],  # the lambda pi_t was trained for
-                 **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective)})
+                 **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective, b)})
             del model
         for label, solver in (("l3m (barrier)", "l3m"), ("mm (dual ascent)", "mm")):
             print(f"\n[{len(results['runs']) + 1}/{total}] b = {b:.3f}: {label}, {steps} GRPO steps", flush=True)
@@ -306,7 +309,7 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
             add({"label": label, "method": label, "threshold": b, "train_seconds": train_seconds,
                  "responses": steps * settings.per_device_train_batch_size, "history": history,
                  "multiplier": history[-1].get(f"constraints/{NAME}/multiplier") if history else None,
-                 **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective)})
+                 **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective, b)})
             del model
 
     table = alignment_table(results["runs"], thresholds)
