@@ -198,18 +198,12 @@ def grpo_arm(settings: AlignmentSettings, solver: str, threshold: float, output_
     from l3m.config import ModelConfig
     from l3m.loading import load_model_and_tokenizer
     from l3m.training.grpo import ConstrainedGRPOTrainer
-    from l3m.training.grpo_config import ConstrainedGRPOConfig
 
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=settings.model_name_or_path))
-    args = ConstrainedGRPOConfig(
-        output_dir=output_dir, reward="relevance", constraints=[{"name": NAME, "reward": "civility", "min": threshold}],
-        solver=solver, multiplier_init=0.0, dual_lr=settings.mm_dual_lr, ema_smoothing=settings.ema_smoothing,
-        max_steps=steps, per_device_train_batch_size=settings.per_device_train_batch_size,
-        num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=0,
-        beta=0.0, temperature=1.0, top_p=1.0, seed=settings.seed, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False)
+    args = settings.grpo_args(output_dir, steps, reward="relevance",
+                              constraints=[{"name": NAME, "reward": "civility", "min": threshold}], solver=solver,
+                              multiplier_init=0.0, dual_lr=settings.mm_dual_lr)
     trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     started = time.time()
     trainer.train()

@@ -118,21 +118,13 @@ def run_arm(settings: BudgetSettings, label: str, solver: str | None, weight: fl
     from l3m.loading import load_model_and_tokenizer
     from l3m.rewards import resolve_reward
     from l3m.training.grpo import ConstrainedGRPOTrainer
-    from l3m.training.grpo_config import ConstrainedGRPOConfig
 
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=settings.model_name_or_path))
     budget = {"name": "length", "reward": "length_tokens", "max": settings.budget}
-    args = ConstrainedGRPOConfig(
-        output_dir=os.path.join(settings.output_dir, slug(label)), reward=settings.reward,
-        reward_weights=settings.reward_weights, constraints=[budget],
-        solver=solver or "fixed", multiplier_init=weight, dual_lr=settings.dual_lr,
-        ema_smoothing=settings.ema_smoothing,
-        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
-        num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=0,
-        beta=0.0, temperature=1.0, top_p=1.0, seed=settings.seed, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False)
+    args = settings.grpo_args(os.path.join(settings.output_dir, slug(label)), settings.max_steps,
+                              reward=settings.reward, reward_weights=settings.reward_weights, constraints=[budget],
+                              solver=solver or "fixed", multiplier_init=weight, dual_lr=settings.dual_lr)
     trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     started = time.time()
     if solver is not None:

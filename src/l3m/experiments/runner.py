@@ -48,6 +48,21 @@ class RunSettings:
                          save_strategy="no", report_to=[], use_cpu=True, **{**budget, **fields})
 
 
+    def grpo_args(self, output_dir: str, steps: int, **fields):
+        """The :class:`l3m.ConstrainedGRPOConfig` of a GRPO arm writing to ``output_dir``: this budget
+        (``per_device_train_batch_size`` completions per step), on CPU in float32, sampling at temperature 1 without
+        top-p, no KL term (``beta`` 0), no checkpoints, every step logged; ``fields`` (reward, constraints, solver,
+        ...) complete or override it."""
+        from l3m.training.grpo_config import ConstrainedGRPOConfig
+
+        budget = {key: getattr(self, key) for key in ("per_device_train_batch_size", "num_generations",
+                                                      "max_completion_length", "learning_rate", "lr_scheduler_type",
+                                                      "ema_smoothing", "seed")}
+        return ConstrainedGRPOConfig(output_dir=output_dir, max_steps=steps, warmup_steps=0, beta=0.0, temperature=1.0,
+                                     top_p=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                     bf16=False, activation_checkpointing=False, **{**budget, **fields})
+
+
 def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraints: Sequence[Constraint] | None = None,
                        eval_constraints: Sequence[Constraint] | None = None, eval_max_new_tokens: int = 64,
                        train: bool = True, save: bool = False, description: str = "Evaluating") -> dict:
