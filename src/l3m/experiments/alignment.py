@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError, L3MDataError
-from l3m.experiments.runner import RunSettings, format_table, mean_pm, slug
+from l3m.experiments.runner import RunSettings, format_table, mean_pm, mean_se, slug
 from l3m.files import write_json
 
 NAME = "harmless"  # the constraint's name in every method
@@ -311,7 +311,7 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
     table = alignment_table(results["runs"], thresholds)
     with open(os.path.join(settings.output_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    points = [AlignmentPoint(r["method"], r["threshold"], _mean_se(r["constraint"]), _mean_se(r["objective"]))
+    points = [AlignmentPoint(r["method"], r["threshold"], mean_se(r["constraint"]), mean_se(r["objective"]))
               for r in results["runs"]]
     figure = plot_alignment_figure(points, thresholds, {c["threshold"]: [r["next_multipliers"][NAME] for r in
                                                                          c["records"]] for c in results["caid"]},
@@ -330,13 +330,6 @@ def experiment_command(argv: list[str]) -> int:
     return 0
 
 
-def _mean_se(values) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, spread / math.sqrt(n)
-
-
 def alignment_table(runs: list[dict], thresholds: list[float]) -> str:
     """One block per threshold: the initial model, then each method trained for it. Relevance, civility and KL
     (nats per response) are mean ± s.e. over held-out prompts; ``met``: mean civility >= b; ``≤1 s.e.``: met, or
@@ -350,9 +343,9 @@ def alignment_table(runs: list[dict], thresholds: list[float]) -> str:
         for r in runs:
             if r["threshold"] not in (None, b):
                 continue
-            civility = _mean_se(r["constraint"])
-            rows.append([f"{b:.3f}", r["label"], mean_pm(*_mean_se(r["objective"]), 3), mean_pm(*civility, 3),
+            civility = mean_se(r["constraint"])
+            rows.append([f"{b:.3f}", r["label"], mean_pm(*mean_se(r["objective"]), 3), mean_pm(*civility, 3),
                          "yes" if civility[0] >= b else "NO", "yes" if civility[0] + civility[1] >= b else "NO",
-                         mean_pm(*_mean_se(r["kl"]), 2), "-" if r["multiplier"] is None else f"{r['multiplier']:.3g}",
+                         mean_pm(*mean_se(r["kl"]), 2), "-" if r["multiplier"] is None else f"{r['multiplier']:.3g}",
                          str(r["responses"]), f"{r['train_seconds']:.0f}"])
     return format_table(columns, rows)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
-from l3m.experiments.runner import RunSettings, format_table, mean_pm, slug
+from l3m.experiments.runner import RunSettings, format_table, mean_pm, mean_se, slug
 from l3m.files import write_json
 
 
@@ -177,19 +177,12 @@ def run_budget_experiment(settings: BudgetSettings) -> list[dict]:
         records.append(run_arm(settings, label, solver, weight, train, test, reference))
         print(budget_table(records[-1:]).splitlines()[-1], flush=True)
         write_json(results_path, {"settings": asdict(settings), "runs": records, "complete": index == len(arms)})
-    figure = plot_budget_figure([BudgetPoint(r["label"], _mean_se(r["lengths"]), _mean_se(r["objective"]))
+    figure = plot_budget_figure([BudgetPoint(r["label"], mean_se(r["lengths"]), mean_se(r["objective"]))
                                  for r in records], settings.budget,
                                 os.path.join(settings.output_dir, "grpo_budget.png"))
     print("\n" + budget_table(records))
     print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
     return records
-
-
-def _mean_se(values) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, spread / math.sqrt(n)
 
 
 def _median_step(history: list[dict]) -> str:
@@ -211,10 +204,10 @@ def budget_table(records: list[dict]) -> str:
     for r in records:
         s = r["summary"]
         relevance = r["objective_rewards"].get("relevance")
-        rows.append([r["label"], mean_pm(*_mean_se(r["objective"]), 3),
-                     mean_pm(*_mean_se(relevance), 3) if relevance else "-", mean_pm(*_mean_se(r["lengths"]), 1),
+        rows.append([r["label"], mean_pm(*mean_se(r["objective"]), 3),
+                     mean_pm(*mean_se(relevance), 3) if relevance else "-", mean_pm(*mean_se(r["lengths"]), 1),
                      "yes" if s["length/satisfied"] else "NO", f"{100 * s['length/inside_frac']:.0f}%",
-                     mean_pm(*_mean_se(r["kl"]), 2),
+                     mean_pm(*mean_se(r["kl"]), 2),
                      "-" if r["final_multiplier"] is None else f"{r['final_multiplier']:.3g}",
                      f"{s['log_ppl_mean']:.3f}", f"{r['train_seconds']:.0f}", _median_step(r["history"])])
     return format_table(columns, rows)

@@ -6,6 +6,7 @@ show; each run goes through :func:`train_and_evaluate`, each table through :func
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -149,6 +150,15 @@ def format_table(columns: Sequence[tuple[str, int, str]], rows: Sequence[Sequenc
         note = notes[i] if i < len(notes) else None
         lines.append(f"{line}  {note}" if note else line)
     return "\n".join(lines)
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (``std / sqrt(n)``, ``std`` with ``n - 1``; 0 for one value) of per-prompt values, as
+    :func:`l3m.evaluation.evaluate_model` reports them."""
+    n = len(values)
+    mean = sum(values) / n
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, spread / math.sqrt(n)
 
 
 def mean_pm(mean: float, spread: float, digits: int) -> str:
