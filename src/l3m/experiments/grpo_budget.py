@@ -121,14 +121,19 @@ def run_arm(settings: BudgetSettings, label: str, solver: str | None, weight: fl
 
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=settings.model_name_or_path))
-    budget = {"name": "length", "reward": "length_tokens", "max": settings.budget}
-    args = settings.grpo_args(os.path.join(settings.output_dir, slug(label)), settings.max_steps,
-                              reward=settings.reward, reward_weights=settings.reward_weights, constraints=[budget],
-                              solver=solver or "fixed", multiplier_init=weight, dual_lr=settings.dual_lr)
-    trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
-    started = time.time()
-    if solver is not None:
+    history, started = [], time.time()
+    if solver is not None:  # the initial model is only evaluated
+        budget = {"name": "length", "reward": "length_tokens", "max": settings.budget}
+        args = settings.grpo_args(os.path.join(settings.output_dir, slug(label)), settings.max_steps,
+                                  reward=settings.reward, reward_weights=settings.reward_weights, constraints=[budget],
+                                  solver=solver, multiplier_init=weight, dual_lr=settings.dual_lr)
+        trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train_dataset,
+                                         processing_class=tokenizer)
         trainer.train()
+        model = trainer.model
+        logged = ("constraints/", "rewards/", "completions/mean_length", "barrier/", "step_time")
+        history = [{"step": entry["step"], **{k: v for k, v in entry.items() if k.startswith(logged)}}
+                   for entry in trainer.state.log_history if "loss" in entry]
     train_seconds = time.time() - started
 
     rewards = {spec: resolve_reward(spec, field="reward") for spec in settings.reward}
@@ -143,15 +148,12 @@ def run_arm(settings: BudgetSettings, label: str, solver: str | None, weight: fl
         return scored
 
     started = time.time()
-    result = evaluate_model(trainer.model, tokenizer, test,
+    result = evaluate_model(model, tokenizer, test,
                             constraints=[Constraint(reward="length_tokens", max=settings.budget, name="length")],
                             objective={name: with_question(f) for name, f in rewards.items()},
                             reward_weights=settings.reward_weights, reference_model=reference,
                             max_new_tokens=settings.eval_max_new_tokens, temperature=1.0, top_p=1.0,
                             batch_size=settings.test_size, seed=settings.seed, description=f"Evaluating {label}")
-    logged = ("constraints/", "rewards/", "completions/mean_length", "barrier/", "step_time")
-    history = [{"step": entry["step"], **{k: v for k, v in entry.items() if k.startswith(logged)}}
-               for entry in trainer.state.log_history if "loss" in entry]
     return {"label": label, "solver": solver, "weight": weight, "train_seconds": train_seconds,
             "eval_seconds": time.time() - started, "summary": result["summary"], "lengths": result["lengths"],
             "objective": result["objective"], "objective_rewards": result["objective_rewards"], "kl": result["kl"],
