@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from l3m.constraints import (Bound, Constraint, compute_rewards, parse_constraints, satisfied_mask,
-                             surrogate_violations, violations)
+                             surrogate_violations, target_metrics, training_estimate, violations)
 from l3m.training.reinforce import constraint_advantages
 from l3m.errors import L3MConfigError
 from l3m.rewards import REWARD_REGISTRY, length_chars, length_tokens, length_words, resolve_reward
@@ -189,6 +189,67 @@ def test_uniform_values_are_the_mean_shortfall_minus_delta():
     # mean shortfalls 2/5 = 0.4 and 4/5 = 0.8, minus 0.5
     torch.testing.assert_close(violations(tolerant_bounds, rewards).mean(dim=0), torch.tensor([-0.1, 0.3]))
     assert not tolerant.is_met_by(rewards["len"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# satisfaction targets (issue 15): margin and confidence
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, options", [("expectation", {}), ("chance", {"epsilon": 0.25}), ("uniform", {})])
+def test_a_margin_moves_the_training_target_inward_and_leaves_evaluation_alone(kind, options):
+    plain, plain_bounds = _bounds(kind, **options)
+    c, bounds = _bounds(kind, margin=1.0, **options)  # training aims at [4, 7] inside [3, 8]
+    rewards = {"len": torch.tensor([1.0, 3.5, 5.0, 7.5, 12.0])}
+    torch.testing.assert_close(violations(bounds, rewards), violations(plain_bounds, rewards))
+    tight, _ = _bounds(kind, min=4, max=7, **options)
+    torch.testing.assert_close(violations(bounds, rewards, target=True), violations(tight.bounds(), rewards))
+    torch.testing.assert_close(surrogate_violations(bounds, rewards), surrogate_violations(tight.bounds(), rewards))
+    assert satisfied_mask(bounds, rewards).tolist() == satisfied_mask(plain_bounds, rewards).tolist()
+    assert [b.target() for b in bounds] == [4.0, 7.0]
+    assert c.is_met_by(torch.tensor([3.5, 3.5])) and not tight.is_met_by(torch.tensor([3.5, 3.5]))
+
+
+def test_the_confidence_term_is_z_standard_errors_of_the_steps_estimate():
+    c, bounds = _bounds("expectation", confidence=0.9)
+    assert c.z == pytest.approx(1.2815515655446004)
+    rewards = {"len": torch.tensor([2.0, 4.0, 9.0, 11.0])}
+    values = violations(bounds, rewards, target=True)
+    estimate, terms = training_estimate(bounds, values)
+    se = torch.tensor([2.0, 4.0, 9.0, 11.0]).std() / 2  # the same spread on both sides of a range
+    torch.testing.assert_close(terms, torch.full((2,), 1.2815515655446004 * se.item()))
+    torch.testing.assert_close(estimate, values.mean(dim=0) + terms)
+    assert bounds[0].target(terms[0].item()) == pytest.approx(3 + terms[0].item())  # min side moves up
+    assert bounds[1].target(terms[1].item()) == pytest.approx(8 - terms[1].item())  # max side moves down
+    assert target_metrics(bounds[1], 0.5) == {"constraints/len/max/target": 7.5,
+                                               "constraints/len/max/confidence_term": 0.5}
+    plain, plain_bounds = _bounds("expectation")
+    estimate, terms = training_estimate(plain_bounds, values)
+    assert terms.tolist() == [0.0, 0.0] and target_metrics(plain_bounds[0], 0.0) == {}
+    torch.testing.assert_close(estimate, values.mean(dim=0))
+    _, single = training_estimate(bounds, values[:1])
+    assert single.tolist() == [0.0, 0.0]  # one sample has no spread to estimate
+
+
+def test_a_chance_confidence_term_is_in_probability_units_and_the_target_keeps_the_threshold():
+    c, bounds = _bounds("chance", epsilon=0.2, confidence=0.95)
+    values = violations(bounds, {"len": torch.tensor([1.0, 5.0, 5.0, 5.0])}, target=True)
+    _, terms = training_estimate(bounds, values)
+    assert terms[0].item() == pytest.approx(c.z * values[:, 0].std().item() / 2)  # the indicator's spread
+    assert bounds[0].target(terms[0].item()) == 3.0 and terms[1].item() == 0.0  # every sample meets max 8
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"margin": -1}, r"^constraints\[len\]\.margin: must be >= 0"),
+    ({"margin": "1"}, r"^constraints\[len\]\.margin: expected a finite number, got '1'"),
+    ({"margin": 3}, r"^constraints\[len\]\.margin: 3 on each side leaves nothing of \[3, 8\]; use at most 2\.5"),
+    ({"confidence": 1.0}, r"^constraints\[len\]\.confidence: must be in \[0\.5, 1\) \(e\.g\. 0\.9\), got 1"),
+    ({"confidence": 0.3}, r"^constraints\[len\]\.confidence: must be in \[0\.5, 1\)"),
+    ({"confidence": float("nan")}, r"^constraints\[len\]\.confidence: expected a finite number"),
+])
+def test_bad_targets_are_one_line_errors(record, message):
+    with pytest.raises(L3MConfigError, match=message):
+        _bounds("expectation", **record)
 
 
 def test_expectation_surrogate_is_its_value_and_satisfaction_is_the_mean():

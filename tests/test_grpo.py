@@ -78,6 +78,21 @@ def test_a_violated_length_budget_ends_satisfied_with_the_barrier(tmp_path):
     assert mus == sorted(mus, reverse=True) and mus[0] == 1.0
 
 
+def test_a_confidence_raises_the_estimate_the_solver_sees_by_z_standard_errors(tmp_path):
+    trainer = make_grpo(tmp_path, constraints=[Constraint("length_tokens", max=5, name="length", confidence=0.9,
+                                                          margin=1)], max_steps=3)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    values, terms = logged(recorder, "constraints/length/value"), logged(recorder, "constraints/length/confidence_term")
+    columns = logged(recorder, "rewards/constraint/length/mean")  # -(|y| - (5 - margin)), TRL's per-column mean
+    assert len(values) == len(terms) == len(columns) == 3 and all(t > 0 for t in terms)
+    for value, term, column in zip(values, terms, columns):
+        assert value == pytest.approx(-column + term, abs=1e-4)
+    targets = logged(recorder, "constraints/length/target")
+    assert targets == pytest.approx([4 - t for t in terms], abs=1e-4)
+
+
 @pytest.mark.parametrize("solver, bound", [("mm", 100.0), ("fixed", 2.0)], ids=["mm-slack", "fixed-zero"])
 def test_a_constraint_that_never_binds_changes_nothing(tmp_path, solver, bound):
     """Dual ascent keeps lambda at exactly 0 while the constraint is slack (at most 16 tokens <= 100); a fixed weight

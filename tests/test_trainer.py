@@ -88,6 +88,22 @@ def test_chance_and_uniform_constraints_violated_at_first_end_satisfied(tmp_path
     assert values[0] > 0 and values[-1] < values[0]
 
 
+def test_a_margin_keeps_the_held_out_mean_inside_the_bound(tmp_path):
+    """max 6 ends near 6 (the barrier stops at the bound); with margin 2 training aims at 4, and the held-out mean
+    is judged against 6 still."""
+    lengths, targets = {}, []
+    for margin in (0.0, 2.0):
+        trainer = _trainer(tmp_path / str(margin), constraints=[Constraint("length_tokens", max=6, name="length",
+                                                                           margin=margin)], logging_steps=1)
+        recorder = Recorder()
+        trainer.add_callback(recorder)
+        trainer.train()
+        lengths[margin] = _held_out_mean_length(trainer)
+        targets += [log["constraints/length/target"] for log in recorder.logs if "constraints/length/target" in log]
+    assert targets and set(targets) == {4.0}  # logged only with a target, in reward units
+    assert lengths[2.0] <= 6 - 1 and lengths[2.0] < lengths[0.0] - 1, lengths
+
+
 def test_no_constraints_is_plain_sft(tmp_path):
     trainer = _trainer(tmp_path, constraints=[], max_steps=6)
     recorder = Recorder()

@@ -14,6 +14,11 @@ Each :class:`Bound` also gives the per-sample terms whose score-function gradien
 (:meth:`Bound.surrogate`): ``c`` itself, except for ``chance``, whose indicator has no gradient signal when all
 samples fail, so the gradient follows the smoothed indicator ``sigmoid(m / indicator_temperature)``.
 
+A satisfaction target (issue 15): training aims inside the user's bound, evaluation judges against the bound itself.
+``margin`` moves each threshold inward by that many reward units (``m - margin`` in training); ``confidence`` adds
+``z * s.e.`` to each step's estimate of ``C`` (:func:`training_estimate`), ``z`` the standard normal quantile of the
+confidence and s.e. the standard error of the step's own estimate from its samples' spread.
+
 Shapes: N sampled responses, K one-sided bounds.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -30,7 +36,8 @@ from l3m.errors import L3MConfigError
 from l3m.rewards import RewardFunc, resolve_reward
 
 CONSTRAINT_KINDS = ("expectation", "chance", "uniform")
-_SPEC_KEYS = {"name", "reward", "min", "max", "kind", "epsilon", "delta", "indicator_temperature"}
+_SPEC_KEYS = {"name", "reward", "min", "max", "kind", "epsilon", "delta", "indicator_temperature", "margin",
+              "confidence"}
 
 
 @dataclass
@@ -51,6 +58,12 @@ class Constraint:
         delta: ``uniform`` only: the allowed mean shortfall, in reward units (>= 0; 0 asks for every response).
         indicator_temperature: ``chance`` only: temperature of the smoothed indicator ``sigmoid((r - b) / T)``
             whose gradient the constraint steps follow, in reward units (> 0).
+        margin: room kept inside each bound during training, in reward units (>= 0; default 0): training
+            targets ``min + margin`` and ``max - margin``; evaluation and reports judge against ``min``/``max``.
+        confidence: in [0.5, 1): each training step's estimate of ``C`` is raised by ``z * s.e.``, the standard
+            normal quantile of ``confidence`` times the standard error of the step's estimate (its samples'
+            standard deviation over the square root of their count), so that the solver stops at a bound the
+            policy's true value clears with about that probability (docs/solver.md, "Satisfaction targets").
     """
 
     reward: str | RewardFunc
@@ -61,6 +74,8 @@ class Constraint:
     epsilon: float | None = None
     delta: float | None = None
     indicator_temperature: float | None = None
+    margin: float | None = None
+    confidence: float | None = None
 
     def __post_init__(self):
         label = self.name or (self.reward if isinstance(self.reward, str) else "reward")
@@ -82,6 +97,7 @@ class Constraint:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise L3MConfigError(f"{where}: min ({self.min:g}) > max ({self.max:g}); swap them or widen the range")
         self._check_kind_options(where)
+        self._check_target(where)
 
     def _check_kind_options(self, where: str) -> None:
         """Each kind's own option, its default and its range; an option of another kind is an error."""
@@ -113,6 +129,30 @@ class Constraint:
                 self.delta = 0.0
             if self.delta < 0:
                 raise L3MConfigError(f"{where}.delta: must be >= 0 (an allowed mean shortfall), got {self.delta:g}")
+
+    def _check_target(self, where: str) -> None:
+        """``margin`` (>= 0, leaving a non-empty range) and ``confidence`` (in [0.5, 1))."""
+        for option in ("margin", "confidence"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise L3MConfigError(f"{where}.{option}: expected a finite number, got {value!r}")
+        self.margin = 0.0 if self.margin is None else float(self.margin)
+        if self.margin < 0:
+            raise L3MConfigError(f"{where}.margin: must be >= 0 (room inside the bound, in reward units), got "
+                                 f"{self.margin:g}")
+        if self.min is not None and self.max is not None and self.min + self.margin > self.max - self.margin:
+            raise L3MConfigError(f"{where}.margin: {self.margin:g} on each side leaves nothing of [{self.min:g}, "
+                                 f"{self.max:g}]; use at most {(self.max - self.min) / 2:g}")
+        if self.confidence is not None:
+            self.confidence = float(self.confidence)
+            if not 0.5 <= self.confidence < 1:
+                raise L3MConfigError(f"{where}.confidence: must be in [0.5, 1) (e.g. 0.9), got {self.confidence:g}")
+
+    @property
+    def z(self) -> float:
+        """The standard normal quantile of ``confidence`` (0 without one)."""
+        return 0.0 if self.confidence is None else NormalDist().inv_cdf(self.confidence)
 
     def bounds(self) -> list[Bound]:
         """The one-sided bounds this constraint expands into (two for a range, Sec. 6.2)."""
@@ -151,13 +191,14 @@ class Bound:
         """``(N,)`` margins ``m = sign * r - threshold`` of ``(N,)`` rewards."""
         return self.sign * rewards - self.threshold
 
-    def values(self, rewards: torch.Tensor) -> torch.Tensor:
+    def values(self, rewards: torch.Tensor, target: bool = False) -> torch.Tensor:
         """``(N,)`` per-sample terms ``c`` whose mean is the Monte-Carlo estimate of ``C`` (``<= 0`` satisfied).
 
-        expectation: ``-m``; chance: ``(1 - epsilon) - 1{m >= 0}``; uniform: ``max(0, -m) - delta``.
+        expectation: ``-m``; chance: ``(1 - epsilon) - 1{m >= 0}``; uniform: ``max(0, -m) - delta``. With
+        ``target``, against the training target: ``m - margin`` in place of ``m``.
         """
-        m = self.margins(rewards)
         c = self.constraint
+        m = self.margins(rewards) - (c.margin if target else 0.0)
         if c.kind == "chance":
             return (1.0 - c.epsilon) - (m >= 0).to(m.dtype)
         if c.kind == "uniform":
@@ -171,12 +212,20 @@ class Bound:
         sample closer to the bound scores higher, so the gradient points towards meeting it even when every sample
         fails (the indicator's REINFORCE estimate is then exactly 0). It is the gradient of
         ``(1 - epsilon) - E[sigmoid(m / T)]``, a smoothed ``C`` that tends to ``C`` as ``T -> 0`` (a sample exactly at
-        the bound counts 1/2). The other kinds' terms are their own values.
+        the bound counts 1/2). The other kinds' terms are their own values. Training only: against the target
+        (``m - margin``).
         """
         c = self.constraint
         if c.kind == "chance":
-            return (1.0 - c.epsilon) - torch.sigmoid(self.margins(rewards) / c.indicator_temperature)
-        return self.values(rewards)
+            return (1.0 - c.epsilon) - torch.sigmoid((self.margins(rewards) - c.margin) / c.indicator_temperature)
+        return self.values(rewards, target=True)
+
+    def target(self, confidence_term: float = 0.0) -> float:
+        """The bound training aims at, in reward units (logged as ``constraints/<name>/target``): the threshold
+        moved inward by ``margin`` and, for an expectation, by the step's ``confidence_term`` (``z * s.e.``; for the
+        other kinds it is in units of ``C``, a probability or a shortfall, and logged on its own)."""
+        shift = self.constraint.margin + (confidence_term if self.constraint.kind == "expectation" else 0.0)
+        return self.sign * (self.threshold + shift)
 
 
 def parse_constraints(specs: Sequence[dict[str, Any] | Constraint] | None) -> list[Constraint]:
@@ -249,16 +298,41 @@ def score_responses(
     return tensor
 
 
-def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor], target: bool = False) -> torch.Tensor:
     """Per-sample constraint values ``c_i(y|x)`` (Eq. 12; ``b_i - r_i`` for an expectation constraint), shape
-    ``(N, K)``: their mean over samples estimates ``C_i`` (``<= 0`` is satisfied), see :meth:`Bound.values`."""
-    return torch.stack([b.values(rewards[b.constraint.name]) for b in bounds], dim=1)
+    ``(N, K)``: their mean over samples estimates ``C_i`` (``<= 0`` is satisfied), see :meth:`Bound.values`;
+    with ``target``, against the training targets (each bound's ``margin``)."""
+    return torch.stack([b.values(rewards[b.constraint.name], target) for b in bounds], dim=1)
+
+
+def training_estimate(bounds: Sequence[Bound], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step's ``(K,)`` estimate of ``C`` from its ``(N, K)`` per-sample terms (against the targets), and
+    the ``(K,)`` confidence terms it includes: ``mean + z * std / sqrt(N)`` per bound, ``z`` from the bound's
+    ``confidence`` (0 without one; the term is 0 when N < 2 or z = 0)."""
+    estimate = values.mean(dim=0)
+    z = torch.tensor([b.constraint.z for b in bounds], dtype=values.dtype, device=values.device)
+    n = values.shape[0]
+    spread = values.std(dim=0) / math.sqrt(n) if n > 1 else torch.zeros_like(estimate)
+    terms = torch.where(z > 0, z * spread, torch.zeros_like(estimate))
+    return estimate + terms, terms
 
 
 def surrogate_violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample terms whose score-function gradient the constraint step follows, shape ``(N, K)``
     (:meth:`Bound.surrogate`; equal to :func:`violations` except for chance constraints)."""
     return torch.stack([b.surrogate(rewards[b.constraint.name]) for b in bounds], dim=1)
+
+
+def target_metrics(bound: Bound, confidence_term: float) -> dict[str, float]:
+    """A training step's ``constraints/<name>/target`` (:meth:`Bound.target`, when the bound has a margin or a
+    confidence) and ``constraints/<name>/confidence_term`` (``z * s.e.`` in units of ``C``, with a confidence)."""
+    c = bound.constraint
+    metrics = {}
+    if c.margin or c.confidence is not None:
+        metrics[f"constraints/{bound.name}/target"] = bound.target(confidence_term)
+    if c.confidence is not None:
+        metrics[f"constraints/{bound.name}/confidence_term"] = confidence_term
+    return metrics
 
 
 def satisfied_mask(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:

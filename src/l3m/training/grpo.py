@@ -25,7 +25,7 @@ from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
-                             violations)
+                             target_metrics, training_estimate, violations)
 from l3m.errors import L3MConfigError, L3MDataError
 from l3m.rewards import resolve_reward
 from l3m.rewards.models import place_reward_models
@@ -138,7 +138,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
                             self.accelerator.device)
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (estimate, lambda, satisfied)
+        # per scored batch: (estimate, lambda, satisfied fraction, confidence terms)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _objective(self, specs) -> list:
         """The objective's reward functions: l3m specs resolved and adapted to l3m's inputs, the rest as given."""
@@ -181,12 +182,14 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             self._batch.text = self._batch.columns = None
         if torch.isinf(rewards_per_func[:, : len(self._objective_weights)]).any():
             self.guard.flag("objective reward")
-        estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
+        # against the training targets; plus z * s.e. for a confidence (l3m.constraints.training_estimate)
+        estimate, terms = (x.cpu() for x in training_estimate(
+            self.bounds, gather(violations(self.bounds, rewards, target=True).to(device))))
         if torch.isfinite(estimate).all():
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
-                self._pending.append((estimate, multipliers, satisfied))
+                self._pending.append((estimate, multipliers, satisfied, terms))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -205,12 +208,14 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            estimate, multipliers, satisfied = (torch.stack(x).mean(dim=0) for x in zip(*self._pending))
+            estimate, multipliers, satisfied, terms = (torch.stack(x).mean(dim=0) for x in zip(*self._pending))
             multipliers = self._pending[-1][1]  # the weights the step's rewards used
             self._pending.clear()
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate)
             for i, bound in enumerate(self.bounds):
+                for key, value in target_metrics(bound, terms[i].item()).items():
+                    metrics[key].append(value)
                 metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
                 metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
                 metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[i].item())

@@ -85,7 +85,8 @@ def describe_bound(bound: Bound, value: float) -> str:
 
     expectation: ``C = b - E[r]`` (for a ``max``: ``E[r] - max``) -> the mean reward; chance:
     ``C = (1 - epsilon) - P[meets]`` -> the fraction of responses meeting the bound; uniform:
-    ``C = E[max(0, shortfall)] - delta`` -> the mean shortfall.
+    ``C = E[max(0, shortfall)] - delta`` -> the mean shortfall. With a ``margin``, against the training target
+    (the threshold moved inward), as training estimates ``C``.
 
     >>> from l3m.constraints import Constraint
     >>> describe_bound(Constraint("length_tokens", max=8).bounds()[0], 2.0)
@@ -94,15 +95,18 @@ def describe_bound(bound: Bound, value: float) -> str:
     'fraction meeting >= 3: 0.6, target >= 0.9'
     >>> describe_bound(Constraint("length_tokens", min=3, kind="uniform").bounds()[0], 0.5)
     'mean shortfall below 3: 0.5, target <= 0'
+    >>> describe_bound(Constraint("length_tokens", max=8, margin=1).bounds()[0], 2.0)
+    'mean reward 9, target <= 7'
     """
     c = bound.constraint
-    side = f">= {bound.threshold:g}" if bound.sign > 0 else f"<= {-bound.threshold:g}"
+    threshold = bound.threshold + c.margin  # training's target (the value is estimated against it)
+    side = f">= {threshold:g}" if bound.sign > 0 else f"<= {-threshold:g}"
     if c.kind == "chance":
         return f"fraction meeting {side}: {(1 - c.epsilon) - value:.4g}, target >= {1 - c.epsilon:g}"
     if c.kind == "uniform":
         direction = "below" if bound.sign > 0 else "above"
-        return f"mean shortfall {direction} {abs(bound.threshold):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
-    return f"mean reward {bound.sign * (bound.threshold - value):.4g}, target {side}"
+        return f"mean shortfall {direction} {abs(threshold):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
+    return f"mean reward {bound.sign * (threshold - value):.4g}, target {side}"
 
 
 class InfeasibilityMonitor:

@@ -22,7 +22,7 @@ from transformers import Trainer
 
 from l3m.config import L3MConfig, ModelConfig
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
-                             violations)
+                             target_metrics, training_estimate, violations)
 from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError
 from l3m.loading import load_model_and_tokenizer, load_tokenizer
@@ -190,12 +190,12 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         if nonfinite:  # a numerical event, not a user error: the step is skipped (l3m.training.guards)
             self.guard.flag(f"reward of {', '.join(nonfinite)}")
         device = completions.sequences.device
-        local_violations = violations(self.bounds, rewards).to(device)  # (N, K), each kind's per-sample term
+        # (N, K), each kind's per-sample term against the training target (each bound's margin)
+        local_violations = violations(self.bounds, rewards, target=True).to(device)
 
         # The estimate that drives the multipliers is reduced across processes first: every process holds the same
-        # estimate (the mean over all processes' responses), multipliers and EMA.
-        all_violations = self.accelerator.gather(local_violations)
-        estimate = all_violations.mean(dim=0)
+        # estimate (the mean over all processes' responses, plus z * s.e. for a confidence), multipliers and EMA.
+        estimate, confidence_terms = training_estimate(self.bounds, self.accelerator.gather(local_violations))
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
         self._pending_estimates.append(estimate.detach().cpu())
@@ -214,6 +214,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
             self.accelerator.gather(completions.truncated.float()).mean().item())
         satisfied = self.accelerator.gather(satisfied_mask(self.bounds, rewards).float().to(device))  # (N, K)
         for i, bound in enumerate(self.bounds):
+            for key, value in target_metrics(bound, confidence_terms[i].item()).items():
+                self._metrics[key].append(value)
             self._metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
             self._metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
             self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[:, i].mean().item())
