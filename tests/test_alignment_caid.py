@@ -16,6 +16,8 @@ from l3m.alignment import caid
 from l3m.alignment.config import CAIDConfig
 from l3m.errors import L3MConfigError
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+
 SHORT = {"name": "short", "reward": "length_tokens", "max": 4}  # the tiny model rambles: about 6 tokens
 
 
@@ -97,6 +99,7 @@ def test_with_lora_each_policy_step_is_a_fresh_adapter_and_the_base_model_is_giv
     (dict(constraints="[{reward: length_tokens}]"), r"give at least one of 'min' or 'max'"),
     (dict(loss_type="ipo"), r"^loss_type: must be 'sigmoid'"),
     (dict(num_generations=1), r"^num_generations: must be >= 2"),
+    (dict(constraints=[{**SHORT, "margin": 1}]), r"^constraints\[short\]: margin and confidence are training targets"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(L3MConfigError, match=message) as error:
@@ -110,24 +113,22 @@ def test_an_unknown_objective_reward_is_named(tmp_path):
         caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, reward="helpfulness"))
 
 
-def test_l3m_align_runs_caid_from_a_config(assets, tmp_path, capsys):
+def test_l3m_align_runs_the_example_config(assets, tmp_path, capsys):
+    """examples/configs/align_civility.yaml, shortened by flags to the tiny model, runs CAID end to end."""
     from l3m.cli import main
 
     out = tmp_path / "align"
-    config = tmp_path / "align.yaml"
-    config.write_text(f"model_name_or_path: {assets['model']}\ndataset_name: {assets['data']}\noutput_dir: {out}\n"
-                      "reward: length_words\nconstraints: [{name: short, reward: length_tokens, max: 4}]\n"
-                      "outer_iterations: 1\nnum_generations: 2\nmax_completion_length: 6\nmax_train_samples: 4\n"
-                      "max_steps: 1\nper_device_train_batch_size: 4\nbeta: 0.5\n")
-    flags = ["--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false", "--report_to", "none",
-             "--disable_tqdm", "true", "--save_strategy", "no"]
-    assert main(["align", "--config", str(config), *flags]) == 0
+    config = os.path.join(EXAMPLES, "align_civility.yaml")
+    flags = ["--model_name_or_path", assets["model"], "--dataset_name", assets["data"], "--output_dir", str(out),
+             "--lora_r", "4", "--outer_iterations", "1", "--num_generations", "2", "--max_completion_length", "6",
+             "--max_train_samples", "4", "--max_steps", "1", "--beta", "0.5", "--disable_tqdm", "true"]
+    assert main(["align", "--config", config, *flags]) == 0
     printed = capsys.readouterr().out.strip().splitlines()  # the DPO trainer's logs, then l3m's lines
     lines = [line for line in printed if line.startswith("iteration ")]
-    assert lines[0].startswith("iteration 0 | pi_ref | objective ") and "short slack" in lines[0]
+    assert lines[0].startswith("iteration 0 | pi_ref | objective ") and "harmless slack" in lines[0]
     assert lines[1].startswith("iteration 1 | lambda ") and printed[-1] == f"Wrote {out}/iterations.jsonl"
     with open(out / "iterations.jsonl", encoding="utf-8") as f:
         assert len(f.readlines()) == 2
-    assert main(["align", "--config", str(config), *flags, "--beta", "0"]) == 2
+    assert main(["align", "--config", config, *flags, "--beta", "0"]) == 2
     error = capsys.readouterr().err
     assert error == "l3m: error: beta: must be > 0 (the KL weight of the problem and of DPO), got 0.0\n"

@@ -221,12 +221,22 @@ def test_example_config_parses(path):
     if os.path.basename(path).startswith("compare"):  # a compare config: shared fields plus its methods
         plans, (script_args, training_args, model_args), _ = plan_comparison(["--config", path])
         assert {args.solver for _, args, _ in plans} == {"sft", "l3m", "mm", "lagged_dual"}
+        assert training_args.max_steps > 0
     else:
         with open(path, encoding="utf-8") as f:
-            grpo = f.readline().split()[3:4] == ["grpo"]  # "# Launch:  l3m grpo ..."
-        script_args, training_args, model_args = parse_train_args(["--config", path], grpo=grpo)
-    assert model_args.model_name_or_path and script_args.dataset_name
-    assert training_args.max_steps > 0 and training_args.output_dir
+            command = f.readline().split()[3]  # "# Launch:  l3m grpo ..."
+        if command == "align":
+            from l3m.alignment import CAIDConfig
+            from l3m.config import ScriptArguments, TrainerModelConfig
+            from l3m.parsing import parse_command
+
+            script_args, training_args, model_args = parse_command(
+                (ScriptArguments, CAIDConfig, TrainerModelConfig), ["--config", path], "l3m align", "")
+            assert training_args.outer_iterations > 0 and training_args.num_train_epochs > 0
+        else:
+            script_args, training_args, model_args = parse_train_args(["--config", path], grpo=command == "grpo")
+            assert training_args.max_steps > 0
+    assert model_args.model_name_or_path and script_args.dataset_name and training_args.output_dir
     with open(path, encoding="utf-8") as f:
         assert f.readline().startswith("# Launch:")  # the launch command comes first
 

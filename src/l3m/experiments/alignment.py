@@ -30,19 +30,9 @@ completions (``max_steps`` 0: ``K * train_prompts * num_generations / per_device
 each training prompt K times with groups of ``num_generations``. A DPO step takes ``dpo_batch_size`` pairs (twice as
 many responses), as many responses as a GRPO step with the defaults. The learning rate is the same for both.
 
-**Time (defaults, 2 CPU cores): about 45 minutes**, estimated, not measured (the machine was busy with another
-measured run; the tiny-model runs of the tests do not scale, their time is overhead). Calibration, measured here on
-the demo model: a GRPO step on 8 completions x 48 tokens takes 19-23 s (``l3m grpo-experiment``'s log), about
-40 GFLOP/s for training at 2 x 135M FLOP per token forward and 3x that with the backward; 32 held-out prompts are
-evaluated (generation, log-ppl, exact KL) in 50 s at 48 tokens. Scaled to sequences of ~60 tokens (a ~28-token
-prompt and 32 response tokens): a GRPO step ~15 s; a DPO step on 4 pairs (8 sequences forward and backward, Adam on
-all weights) ~11 s; one forward pass over a sampling pass's 80 responses (DPO's reference log-probs, or one model of
-the log-ratios) ~25 s; sampling and scoring them 28 s (measured on the demo model, idle machine); an evaluation
-~40 s. Per threshold: CAID's K = 2 iterations of
-(reference log-probs 25 s + 10 DPO steps 110 s + sampling 25 s + log-ratios 50 s + setup and save 10 s ~ 220 s)
-~ 7.5 min; two GRPO arms of 20 steps ~ 2 x 5.3 min; four evaluations ~ 2.7 min; ~ 21 min. Two thresholds plus
-loading, the shared pass of pi_ref and the initial evaluation (~2 min): ~ 44 min, ~ 53 min if every cost is 20%
-higher. Every training cost scales with ``train_prompts``: lower it if a run goes over.
+**Time (defaults, 2 CPU cores): 35.9 min measured** (docs/alignment.md, commit 45fd83d): per threshold CAID's
+K = 2 iterations ~6 min, each GRPO arm of 20 steps ~5 min, evaluations ~45 s each; the shared pass of pi_ref 39 s.
+Every training cost scales with ``train_prompts`` and ``dpo_epochs``.
 """
 
 from __future__ import annotations
@@ -92,6 +82,8 @@ class AlignmentSettings(RunSettings):
         "help": "CAID's dual step, lambda <- max(0, lambda - dual_lr * (E[civility] - b))."})
     dpo_batch_size: int = field(default=4, metadata={"help": "Preference pairs per DPO step (one epoch over "
                                                              "train_prompts x num_generations / 2 pairs)."})
+    dpo_epochs: int = field(default=1, metadata={"help": "Epochs of each DPO policy step over its pairs (TRL's "
+                                                         "num_train_epochs)."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of DPO and GRPO (all weights)."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "GRPO completions per step (prompts per step x num_generations)."})
@@ -116,7 +108,8 @@ class AlignmentSettings(RunSettings):
         for name in ("dual_lr", "mm_dual_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise L3MConfigError(f"{name}: expected a step size >= 0, got {getattr(self, name)}")
-        for name, least in (("train_prompts", 1), ("num_generations", 2), ("dpo_batch_size", 1), ("max_steps", 0)):
+        for name, least in (("train_prompts", 1), ("num_generations", 2), ("dpo_batch_size", 1), ("dpo_epochs", 1),
+                            ("max_steps", 0)):
             if getattr(self, name) < least:
                 raise L3MConfigError(f"{name}: expected an integer >= {least}, got {getattr(self, name)}")
         if self.quick:
@@ -187,8 +180,9 @@ def caid_config(settings: AlignmentSettings, threshold: float, output_dir: str, 
         beta=settings.beta, outer_iterations=settings.outer_iterations, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=1.0, top_p=1.0, generation_batch_size=8,
         dual_lr=settings.dual_lr, learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        per_device_train_batch_size=settings.dpo_batch_size, num_train_epochs=1, warmup_steps=0, seed=settings.seed,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False)
+        per_device_train_batch_size=settings.dpo_batch_size, num_train_epochs=settings.dpo_epochs, warmup_steps=0,
+        seed=settings.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        activation_checkpointing=False)
 
 
 def grpo_arm(settings: AlignmentSettings, solver: str, threshold: float, output_dir: str, train, steps: int):
