@@ -59,6 +59,31 @@ class DemoSettings(RunSettings):
     max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses in training "
                                                                       "(the L3M runs set their own)."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
+    shift_categories: list[str] = field(default_factory=list, metadata={
+        "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
+                "and of the test split; every model is also evaluated on up to test_size of their conversations."})
+
+
+def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None]:
+    """``(splits, shift)``: with ``categories``, every split without their conversations and a shift set of up to
+    ``size`` of them (shuffled with ``seed``); without, the splits as they are and None."""
+    from datasets import concatenate_datasets
+
+    from l3m.errors import L3MConfigError
+
+    if not categories:
+        return splits, None
+    known = sorted(set().union(*(split.unique("category") for split in splits.values()
+                                 if "category" in split.column_names)))
+    unknown = sorted(set(categories) - set(known))
+    if unknown:
+        raise L3MConfigError(f"shift_categories: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                             f"the demo data has {known}")
+    held = set(categories)
+    kept = {name: split.filter(lambda e: e["category"] not in held) for name, split in splits.items()}
+    shift = concatenate_datasets([split.filter(lambda e: e["category"] in held) for split in splits.values()])
+    shift = shift.shuffle(seed=seed)
+    return kept, shift.select(range(min(size, len(shift))))
 
 
 def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> list[dict]:
@@ -70,6 +95,10 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     started = time.time()
     splits = load_splits(ScriptArguments(dataset_name="demo", test_size=settings.test_size,
                                          validation_size=settings.test_size), settings.seed)
+    splits, shift = shift_splits(splits, settings.shift_categories, settings.test_size, settings.seed)
+    if shift is not None:
+        print(f"Shift test: {', '.join(settings.shift_categories)} held out of training; {len(shift)} of their "
+              f"conversations evaluated beside {len(splits['test'])} in-distribution ones", flush=True)
     records = []
     for index, run in enumerate(runs, start=1):
         steps = settings.max_steps if run.max_steps is None else run.max_steps
@@ -82,7 +111,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
         result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
                                     constraints=run.constraints(), eval_constraints=run.constraints() or _length_probe(),
                                     eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
-                                    description=f"Evaluating {run.name}")
+                                    description=f"Evaluating {run.name}", shift_dataset=shift)
         records.append({"run": asdict(run), "steps": steps, **result})
 
     results_path = write_json(os.path.join(settings.output_dir, "results.json"),
@@ -103,10 +132,14 @@ def _length_probe() -> list[Constraint]:
 
 
 def demo_table(records: list[dict]) -> str:
-    """The demo's table: one row per model, as in Fig. 2 of the paper."""
+    """The demo's table: one row per model, as in Fig. 2 of the paper; with a shift test, its length and whether
+    the mean is in range on the held-out categories too."""
     columns = [("model", 16, "<"), ("steps", 5, ">"), ("range", 10, ">"), ("length mean ± std", 18, ">"),
                ("mean in range", 14, ">"), ("samples in range", 17, ">"), ("task log-ppl mean ± std", 24, ">"),
                ("train s", 8, ">")]
+    shifted = any("shift" in r for r in records)
+    if shifted:
+        columns += [("shift length mean ± std", 24, ">"), ("shift in range", 14, ">")]
     rows = []
     for r in records:
         s, run = r["summary"], r["run"]
@@ -116,6 +149,10 @@ def demo_table(records: list[dict]) -> str:
         inside = f"{100 * s['length/inside_frac']:.0f}%" if constrained else "-"
         rows.append([run["name"], str(r["steps"]), span, mean_pm(s["length_mean"], s["length_std"], 1), in_range,
                      inside, mean_pm(s["log_ppl_mean"], s["log_ppl_std"], 3), f"{r['train_seconds']:.0f}"])
+        if shifted:
+            shift = r["shift"]["summary"]
+            rows[-1] += [mean_pm(shift["length_mean"], shift["length_std"], 1),
+                         ("yes" if shift["length/satisfied"] else "NO") if constrained else "-"]
     return format_table(columns, rows)
 
 

@@ -66,13 +66,14 @@ class RunSettings:
 
 def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraints: Sequence[Constraint] | None = None,
                        eval_constraints: Sequence[Constraint] | None = None, eval_max_new_tokens: int = 64,
-                       train: bool = True, save: bool = False, description: str = "Evaluating") -> dict:
+                       train: bool = True, save: bool = False, description: str = "Evaluating",
+                       shift_dataset=None) -> dict:
     """Train one method from the initial model (``args``: its :class:`l3m.L3MConfig`; ``constraints`` default to
     ``args.constraints``), then evaluate it on ``test_dataset`` under ``eval_constraints`` (default: the training
     constraints) with the sampling settings of ``args``. ``train=False`` evaluates the initial model.
 
     Returns the evaluation (:func:`l3m.evaluation.evaluate_model`) plus ``train_seconds``, ``eval_seconds``, the peak
-    memory of the run and the solver's final state.
+    memory of the run and the solver's final state; with a ``shift_dataset``, its evaluation too, as ``shift``.
     """
     import torch
     from trl import get_peft_config
@@ -84,7 +85,9 @@ def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraint
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args)
-    test = prepare_dataset(test_dataset, tokenizer, args.max_length, args.seed, "test")
+    tests = {"test": prepare_dataset(test_dataset, tokenizer, args.max_length, args.seed, "test")}
+    if shift_dataset is not None:
+        tests["shift"] = prepare_dataset(shift_dataset, tokenizer, args.max_length, args.seed, "shift")
     trainer = L3MTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                          constraints=constraints, peft_config=get_peft_config(model_args))
     memory = PeakMemory(trainer.model)
@@ -96,10 +99,14 @@ def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraint
     train_seconds = time.time() - started
     peak_mb, measure = memory.peak_mb()
     started = time.time()
-    result = evaluate_model(trainer.model, tokenizer, test,
-                            constraints=trainer.constraints if eval_constraints is None else eval_constraints,
-                            max_new_tokens=eval_max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            batch_size=args.per_device_eval_batch_size, seed=args.seed, description=description)
+    results = {label: evaluate_model(trainer.model, tokenizer, dataset,
+                                     constraints=trainer.constraints if eval_constraints is None else eval_constraints,
+                                     max_new_tokens=eval_max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, batch_size=args.per_device_eval_batch_size, seed=args.seed,
+                                     description=description if label == "test" else f"{description} ({label})")
+               for label, dataset in tests.items()}
+    result = results.pop("test")
+    result.update(results)  # "shift", with a shift_dataset
     return {"train_seconds": train_seconds, "eval_seconds": time.time() - started, "peak_memory_mb": peak_mb,
             "peak_memory_measure": measure, "solver_state": trainer.solver.state_dict() if trainer.bounds else None,
             **result}
