@@ -145,3 +145,57 @@ def test_processes_that_did_not_join_a_group_are_refused(tmp_path):
     result = _launch(tmp_path, "--no-use-cpu")
     assert result.returncode != 0
     assert "use_cpu: 2 processes were launched (WORLD_SIZE=2) but each sees a world of 1" in result.stderr
+
+
+_LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP")
+
+
+@pytest.fixture
+def clean_launch_env(monkeypatch):
+    for name in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_accelerate_cpu_launch_that_started_one_process_is_reported(clean_launch_env, caplog):
+    # what `accelerate launch --cpu --num_processes 2 script.py` (accelerate 1.15, no --mpirun_hostfile) gives its
+    # single process: ACCELERATE_USE_CPU=True and MASTER_ADDR/MASTER_PORT, no world size
+    clean_launch_env.setenv("ACCELERATE_USE_CPU", "True")
+    clean_launch_env.setenv("MASTER_ADDR", "127.0.0.1")
+    clean_launch_env.setenv("MASTER_PORT", "29500")
+    with caplog.at_level("WARNING", logger="l3m.training.distributed"):
+        check_launch(SimpleNamespace(world_size=1, use_cpu=True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "l3m.training.distributed"]
+    assert len(lines) == 1 and lines[0].startswith("accelerate launch --cpu started this run as ONE process")
+    assert "\n" not in lines[0]
+
+
+@pytest.mark.parametrize("env", [
+    {"ACCELERATE_USE_CPU": "True"},  # `accelerate launch --cpu` asked for one process: no MASTER_ADDR
+    {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"},
+    {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "OMPI_COMM_WORLD_SIZE": "2"},  # with a hostfile: mpirun
+    {},  # a plain `python script.py`
+])
+def test_other_single_process_launches_are_not_reported(clean_launch_env, caplog, env):
+    for name, value in env.items():
+        clean_launch_env.setenv(name, value)
+    with caplog.at_level("WARNING", logger="l3m.training.distributed"):
+        check_launch(SimpleNamespace(world_size=1, use_cpu=True))
+    assert not [r for r in caplog.records if r.name == "l3m.training.distributed"]
+
+
+def test_fsdp_config_on_cpu_is_reported_as_ddp_once(clean_launch_env, caplog):
+    # accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP; with use_cpu accelerate trains DDP instead
+    clean_launch_env.setenv("ACCELERATE_USE_FSDP", "true")
+    clean_launch_env.setenv("WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="l3m.training.distributed"):
+        clean_launch_env.setenv("RANK", "1")
+        check_launch(SimpleNamespace(world_size=2, use_cpu=True))  # only the first process says it
+        assert not [r for r in caplog.records if r.name == "l3m.training.distributed"]
+        clean_launch_env.setenv("RANK", "0")
+        check_launch(SimpleNamespace(world_size=2, use_cpu=False))  # on GPUs accelerate does shard
+        assert not [r for r in caplog.records if r.name == "l3m.training.distributed"]
+        check_launch(SimpleNamespace(world_size=2, use_cpu=True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "l3m.training.distributed"]
+    assert len(lines) == 1 and "asks for FSDP, but with use_cpu accelerate does not shard" in lines[0]
