@@ -162,3 +162,66 @@ def test_a_deprecated_call_inside_a_library_stays_a_warning_even_when_l3m_called
         _run_as("l3m.sampling", "run(model, ids)", run=library["run"], model=model, ids=torch.tensor([[5, 6, 7]]))
     deprecations = [(w.category, w.filename) for w in caught if "`past_key_values` is deprecated" in str(w.message)]
     assert deprecations == [(FutureWarning, "<transformers.some_pipeline>")] * len(DEPRECATED_CALLS)
+
+
+# ------------------------------------------------------------------------------------- the nucleus sampler
+
+def _transformers_nucleus(logits, top_p, top_k):
+    """The distribution ``generate(do_sample=True)`` samples from: TopK then TopP warpers, then softmax."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.clone()
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
+
+
+def _on_vocabulary(probs, ids, vocab_size):
+    return torch.zeros(probs.shape[0], vocab_size).scatter_add_(1, ids, probs)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.5, 0), (0.99, 0), (0.9, 50), (1.0, 50), (1.0, 0)])
+def test_nucleus_is_the_distribution_of_transformers_top_k_top_p_warpers(scale, top_p, top_k):
+    """Same kept tokens, same probabilities, for peaked (nucleus inside the candidates) and flat (sorted in full)
+    distributions."""
+    from l3m.sampling import nucleus
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5000) * scale
+    probs, ids = nucleus(logits, top_p, top_k, candidates=64)
+    ours, theirs = _on_vocabulary(probs, ids, 5000), _transformers_nucleus(logits, top_p, top_k)
+    assert torch.equal(ours > 0, theirs > 0)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_nucleus_sorts_in_full_only_the_rows_whose_candidates_miss_top_p_of_the_mass():
+    from l3m.sampling import nucleus
+
+    torch.manual_seed(1)
+    peaked, flat = torch.randn(3, 2000) * 8, torch.randn(3, 2000) * 0.1
+    logits = torch.cat([peaked, flat])[torch.tensor([0, 3, 1, 4, 2, 5])]  # interleaved
+    probs, ids = nucleus(logits, 0.9, candidates=16)
+    assert probs.shape[1] == 2000  # the flat rows needed the whole vocabulary
+    kept = (probs > 0).sum(dim=1)
+    assert kept[::2].max() <= 16 < kept[1::2].min()
+    torch.testing.assert_close(_on_vocabulary(probs, ids, 2000), _transformers_nucleus(logits, 0.9, 0),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_nucleus_sampler_draws_each_token_at_its_nucleus_probability_at_the_temperature():
+    from l3m.sampling import NucleusSampler, nucleus
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+    temperature, top_p = 0.7, 0.8
+    expected = _on_vocabulary(*nucleus(logits / temperature, top_p), 6)[0]
+    assert (expected == 0).sum() >= 2  # the test exercises truncation
+    torch.manual_seed(0)
+    draws = 40_000
+    scores = NucleusSampler(temperature, top_p)(None, logits.expand(draws, 6))
+    assert torch.isinf(scores).sum(dim=1).eq(5).all()  # one finite score per row: generate's argmax picks it
+    frequency = torch.bincount(scores.argmax(dim=1), minlength=6) / draws
+    standard_error = (expected * (1 - expected) / draws).sqrt()
+    assert torch.all((frequency - expected).abs() <= 4 * standard_error + 1e-9)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+NUCLEUS_CANDIDATES = 256  # logits searched for the top-p nucleus before falling back to sorting the vocabulary
 
 
 @dataclass
@@ -66,6 +68,61 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def nucleus(logits: torch.Tensor, top_p: float, top_k: int = 0,
+            candidates: int = NUCLEUS_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k / top-p (nucleus) distribution of ``softmax(logits)``, ``logits`` ``(N, V)``, on a few token ids.
+
+    Returns ``(probs, ids)``, both ``(N, K)``: the probability of each kept token (0 for dropped ones; rows sum to
+    1) and its id. It is the distribution transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` then softmax
+    give (``tests/test_sampling.py`` checks it against them): a token is kept when the tokens more probable than it
+    hold less than ``top_p`` of the mass, so the nucleus is the smallest prefix of the sorted vocabulary whose mass
+    reaches ``top_p``. With ``top_k`` the mass is renormalized within the top ``top_k`` first.
+
+    Sorting the whole vocabulary (49k entries for SmolLM2) at every decoding step costs more than the model's
+    output layer at small batch; so without ``top_k`` only the ``candidates`` largest logits are searched, with
+    probabilities normalized over the full vocabulary. When they hold at least ``top_p`` of the mass, the nucleus
+    lies inside them and the result is exact; rows where they do not (a flat distribution) are sorted in full.
+    """
+    if top_p >= 1.0 and top_k <= 0:
+        return logits.softmax(dim=-1), torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
+    probs, ids = _largest_probs(logits, top_k if top_k > 0 else min(candidates, logits.shape[1]), top_k > 0)
+    uncovered = probs.sum(dim=-1) < top_p
+    if top_k <= 0 and probs.shape[1] < logits.shape[1] and bool(uncovered.any()):
+        full_probs, full_ids = _largest_probs(logits[uncovered], logits.shape[1], within=False)
+        pad = logits.shape[1] - probs.shape[1]
+        probs, ids = F.pad(probs, (0, pad)), F.pad(ids, (0, pad))
+        probs[uncovered], ids[uncovered] = full_probs, full_ids
+    if top_p < 1.0:
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
+        probs = torch.where(mass_before < top_p, probs, torch.zeros_like(probs))
+    return probs / probs.sum(dim=-1, keepdim=True), ids
+
+
+def _largest_probs(logits: torch.Tensor, k: int, within: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most probable tokens of ``softmax(logits)``, largest first: probabilities normalized over the
+    vocabulary, or over the ``k`` tokens when ``within``, and ids."""
+    values, ids = logits.topk(min(k, logits.shape[1]), dim=-1)
+    return (values - (values if within else logits).logsumexp(dim=-1, keepdim=True)).exp(), ids
+
+
+class NucleusSampler(LogitsProcessor):
+    """Draws the next token from :func:`nucleus` of ``softmax(logits / temperature)`` and returns scores that are
+    ``-inf`` everywhere but at the drawn token, so that ``generate`` in greedy mode (``do_sample=False``) picks it.
+
+    This keeps ``generate``'s KV cache, stopping and padding while replacing its sampler, which sorts the whole
+    vocabulary and draws an exponential for every entry at every step. The draws use torch's global generator, like
+    ``generate``'s, but consume it differently: the same seed gives different (equally distributed) samples.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs, ids = nucleus(scores.float() / self.temperature, self.top_p, self.top_k)
+        tokens = ids.gather(1, torch.multinomial(probs, num_samples=1))
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -79,7 +136,8 @@ def sample_completions(
     top_p: float = 0.9,
     top_k: int = 0,
 ) -> Completions:
-    """Sample ``num_generations`` responses per prompt with ``model.generate`` (KV cache, top-p).
+    """Sample ``num_generations`` responses per prompt with ``model.generate`` (KV cache) and
+    :class:`NucleusSampler` (temperature, top-k, top-p).
 
     The model is put in eval mode while generating (gradient checkpointing is a training-mode feature and
     would disable the KV cache), and its previous mode is restored.
@@ -93,12 +151,11 @@ def sample_completions(
             cache, _ = prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], num_generations)
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        config = GenerationConfig(
-            do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k if top_k > 0 else None, eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=True,
-        )
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                  pad_token_id=pad_token_id, use_cache=True)
+        sampler = NucleusSampler(temperature=temperature, top_p=top_p, top_k=top_k)
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache,
-                                   generation_config=config)
+                                   generation_config=config, logits_processor=LogitsProcessorList([sampler]))
     finally:
         model.train(was_training)
     completion = sequences[:, prompt_ids.shape[1]:]
