@@ -48,6 +48,7 @@ from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError, L3MDataError
 from l3m.experiments.runner import RunSettings, format_table, mean_pm, mean_se, slug
 from l3m.files import write_json
+from l3m.hardware import resolve_bf16
 
 NAME = "harmless"  # the constraint's name in every method
 DESCRIPTION = ("Constrained alignment on the offline helpful/harmless stand-in: CAID, its one-shot predecessor, the "
@@ -181,7 +182,8 @@ def caid_config(settings: AlignmentSettings, threshold: float, output_dir: str, 
         max_completion_length=settings.max_completion_length, temperature=1.0, top_p=1.0, generation_batch_size=8,
         dual_lr=settings.dual_lr, learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         per_device_train_batch_size=settings.dpo_batch_size, num_train_epochs=settings.dpo_epochs, warmup_steps=0,
-        seed=settings.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        seed=settings.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=resolve_bf16(settings.bf16),
         activation_checkpointing=False)
 
 

@@ -25,26 +25,24 @@ class DemoRun:
     name: str
     length_min: float | None = None
     length_max: float | None = None
-    max_completion_length: int | None = None  # sampling cap in constraint steps; defaults to the settings' value
-    num_generations: int | None = None  # responses per prompt in constraint steps; defaults to the settings' value
     max_steps: int | None = None  # optimizer steps; defaults to the settings' value; 0 evaluates the initial model
     match_objective_steps: bool = False  # train for as many steps as an L3M run takes objective steps
 
-    def constraints(self) -> list[Constraint]:
+    def constraints(self, confidence: float | None = None, margin: float | None = None) -> list[Constraint]:
+        """The run's length constraint, with the demo's satisfaction target in training (``confidence``,
+        ``margin``; docs/solver.md); none for an unconstrained run."""
         if self.length_min is None and self.length_max is None:
             return []
-        return [Constraint(reward="length_tokens", min=self.length_min, max=self.length_max, name="length")]
+        return [Constraint(reward="length_tokens", min=self.length_min, max=self.length_max, name="length",
+                           confidence=confidence, margin=margin)]
 
 
 DEMO_RUNS = (
     DemoRun("initial", max_steps=0),
     # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps.
     DemoRun("SFT", match_objective_steps=True),
-    DemoRun("L3M [2, 8]", 2, 8, max_completion_length=24),  # a response of 24+ tokens violates max 8 anyway
-    # Lengthening fights the SFT objective, whose clean gradient outweighs a noisy REINFORCE estimate: with 4
-    # samples per prompt this L3M ended 1 token under its bound, with 8 it recovers and ends inside (README).
-    # 32 tokens leave room above the range's top (a truncated sample violates max 30 anyway).
-    DemoRun("L3M [13, 30]", 13, 30, max_completion_length=32, num_generations=8),
+    DemoRun("L3M [2, 8]", 2, 8),
+    DemoRun("L3M [13, 30]", 13, 30),
 )
 
 
@@ -54,11 +52,16 @@ class DemoSettings(RunSettings):
     on either side of that."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the runs, results and figure go."})
-    num_generations: int = field(default=4, metadata={"help": "Sampled responses per prompt in constraint steps "
-                                                               "(the lengthening run uses 8)."})
-    max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses in training "
-                                                                      "(the L3M runs set their own)."})
+    # 32 tokens leave room above the longer range's top (a truncated sample violates max 30 anyway)
+    max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
+    # Without a target an expectation constraint ends on its bound, and the held-out mean within about a standard
+    # error of it on either side (README): the lengthening range then needed 8 samples per prompt to end inside.
+    confidence: float | None = field(default=0.9, metadata={
+        "help": "Satisfaction target of every L3M's length constraint: each step's estimate is raised by z * s.e. "
+                "(docs/solver.md); 'none' for none."})
+    margin: float | None = field(default=None, metadata={
+        "help": "Room in tokens kept inside each length bound in training (docs/solver.md); 'none' for none."})
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
@@ -105,11 +108,10 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
         if run.match_objective_steps:
             steps = objective_step_count(settings.seed, settings.max_steps)
         print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
-        args = settings.training_args(run.name, steps, mu_final=settings.mu_final,
-                                      num_generations=run.num_generations or settings.num_generations,
-                                      max_completion_length=run.max_completion_length or settings.max_completion_length)
+        args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
+        constraints = run.constraints(settings.confidence, settings.margin)
         result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
-                                    constraints=run.constraints(), eval_constraints=run.constraints() or _length_probe(),
+                                    constraints=constraints, eval_constraints=run.constraints() or _length_probe(),
                                     eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
                                     description=f"Evaluating {run.name}", shift_dataset=shift)
         records.append({"run": asdict(run), "steps": steps, **result})

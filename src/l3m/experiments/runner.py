@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from l3m.constraints import Constraint
+from l3m.hardware import resolve_bf16
 
 
 @dataclass
@@ -35,6 +36,10 @@ class RunSettings:
     test_size: int = field(default=48, metadata={"help": "Held-out prompts every model is evaluated on."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Token cap of sampled responses in evaluation."})
     seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
+    bf16: str = field(default="false", metadata={
+        "help": "bf16 autocast in training: auto (where the CPU has native bf16: avx512_bf16 or amx_bf16; float32 "
+                "elsewhere), true or false. Untested on this project's machines, which have no native bf16; the "
+                "README's numbers are float32."})
 
     def training_args(self, name: str, steps: int, **fields):
         """The :class:`l3m.L3MConfig` of run ``name`` (its folder under ``output_dir``): this budget, on CPU, no
@@ -46,7 +51,8 @@ class RunSettings:
                                                       "max_length", "ema_smoothing", "seed")}
         return L3MConfig(output_dir=os.path.join(self.output_dir, slug(name)), max_steps=max(steps, 1),
                          per_device_eval_batch_size=self.test_size, warmup_steps=0, logging_steps=10,
-                         save_strategy="no", report_to=[], use_cpu=True, **{**budget, **fields})
+                         save_strategy="no", report_to=[], use_cpu=True, bf16=resolve_bf16(self.bf16),
+                         **{**budget, **fields})
 
 
     def grpo_args(self, output_dir: str, steps: int, **fields):
@@ -61,7 +67,8 @@ class RunSettings:
                                                       "ema_smoothing", "seed")}
         return ConstrainedGRPOConfig(output_dir=output_dir, max_steps=steps, warmup_steps=0, beta=0.0, temperature=1.0,
                                      top_p=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                                     bf16=False, activation_checkpointing=False, **{**budget, **fields})
+                                     bf16=resolve_bf16(self.bf16), activation_checkpointing=False,
+                                     **{**budget, **fields})
 
 
 def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraints: Sequence[Constraint] | None = None,

@@ -27,6 +27,7 @@ from trl.data_utils import is_conversational
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, training_estimate, violations)
 from l3m.errors import L3MConfigError, L3MDataError
+from l3m.hardware import warn_slow_bf16
 from l3m.rewards import resolve_reward
 from l3m.rewards.models import place_reward_models
 from l3m.solvers import build_solver
@@ -113,6 +114,7 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
                  eval_dataset=None, constraints: list[Constraint | dict] | None = None, **kwargs):
         if not isinstance(args, ConstrainedGRPOConfig):
             raise L3MConfigError("args: expected an l3m ConstrainedGRPOConfig (it carries the constraints and solver)")
+        warn_slow_bf16(args)
         self.constraints = parse_constraints(constraints) if constraints is not None else args.parsed_constraints
         self.bounds = [bound for c in self.constraints for bound in c.bounds()]
         self._batch = _Batch()

@@ -30,6 +30,7 @@ from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 from l3m.solvers import build_solver
 from l3m.training.coin import is_constraint_step
+from l3m.hardware import warn_slow_bf16
 from l3m.training.distributed import check_launch, process_local_sampling
 from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.training.reinforce import constraint_advantages, reinforce_loss
@@ -66,6 +67,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         if not isinstance(args, L3MConfig):
             raise L3MConfigError("args: expected an l3m.L3MConfig (it carries the solver's fields)")
         check_launch(args)
+        warn_slow_bf16(args)
         if isinstance(model, str):
             model, loaded_tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=model))
             processing_class = processing_class or loaded_tokenizer

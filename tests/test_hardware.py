@@ -1,0 +1,51 @@
+"""bf16 autocast where the CPU has native bf16, float32 elsewhere; one warning line when bf16 is asked for anyway."""
+
+from __future__ import annotations
+
+import pytest
+
+from l3m.errors import L3MConfigError
+from l3m.hardware import cpu_flags, native_bf16, resolve_bf16, warn_slow_bf16
+
+AVX2 = {"fpu", "sse2", "avx", "avx2", "fma"}
+SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\nbugs\t\t: spectre\n")
+    assert cpu_flags(str(path)) == {"fpu", "avx2", "fma"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_auto_picks_bf16_only_with_native_bf16_instructions():
+    assert not native_bf16(AVX2) and native_bf16(SAPPHIRE_RAPIDS) and native_bf16({"avx512_bf16"})
+    assert resolve_bf16("auto", AVX2) is False
+    assert resolve_bf16("auto", SAPPHIRE_RAPIDS) is True
+    assert resolve_bf16("true", AVX2) is True and resolve_bf16("false", SAPPHIRE_RAPIDS) is False
+    with pytest.raises(L3MConfigError, match="bf16: expected auto, true or false, got 'yes'"):
+        resolve_bf16("yes")
+
+
+class _Args:
+    def __init__(self, bf16, use_cpu=True):
+        self.bf16, self.use_cpu = bf16, use_cpu
+
+
+def test_bf16_on_a_cpu_without_native_bf16_gets_one_warning_line(caplog):
+    with caplog.at_level("WARNING", logger="l3m"):
+        message = warn_slow_bf16(_Args(bf16=True), AVX2)
+    assert message is not None and "\n" not in message and "set bf16: false" in message
+    assert message in caplog.text
+    assert warn_slow_bf16(_Args(bf16=True), SAPPHIRE_RAPIDS) is None
+    assert warn_slow_bf16(_Args(bf16=False), AVX2) is None
+
+
+def test_experiment_settings_turn_bf16_auto_into_the_trainer_flag(monkeypatch, tmp_path):
+    import l3m.experiments.runner as runner
+    from l3m.experiments.demo import DemoSettings
+
+    monkeypatch.setattr(runner, "resolve_bf16", lambda choice: resolve_bf16(choice, SAPPHIRE_RAPIDS))
+    assert DemoSettings(output_dir=str(tmp_path), bf16="auto").training_args("L3M", 2).bf16 is True
+    monkeypatch.setattr(runner, "resolve_bf16", lambda choice: resolve_bf16(choice, AVX2))
+    assert DemoSettings(output_dir=str(tmp_path), bf16="auto").training_args("L3M", 2).bf16 is False
