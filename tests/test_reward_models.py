@@ -372,8 +372,19 @@ def test_example_reward_configs_parse(path):
         assert f.readline().startswith("# Launch:")
 
 
-def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
+def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeypatch):
+    """With a satisfaction target: constrained runs train against it, every evaluation judges the bounds."""
+    import l3m.experiments.hh as hh
     from l3m.cli import main
+
+    calls = []
+
+    def spy(*args, constraints=None, eval_constraints=None, **kwargs):
+        calls.append(([c.confidence for c in constraints or []], [c.confidence for c in eval_constraints]))
+        return train_and_evaluate(*args, constraints=constraints, eval_constraints=eval_constraints, **kwargs)
+
+    train_and_evaluate = hh.train_and_evaluate
+    monkeypatch.setattr(hh, "train_and_evaluate", spy)
 
     model_dir = _save_causal_lm(tmp_path / "policy")
     helpful, harmless = _save_causal_lm(tmp_path / "rm_helpful", seed=1), _save_causal_lm(tmp_path / "rm_harmless",
@@ -383,7 +394,8 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys):
     out = tmp_path / "hh"
     assert main(["reward", "experiment", "--quick", "--model_name_or_path", model_dir, "--dataset_name", str(data),
                  "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
-                 "--max_completion_length", "6", "--learning_rate", "1e-3"]) == 0
+                 "--max_completion_length", "6", "--learning_rate", "1e-3", "--confidence", "0.9"]) == 0
+    assert calls == [([], [None, None]), ([], [None, None]), ([0.9, 0.9], [None, None]), ([0.9, 0.9], [None, None])]
     results = json.load(open(out / "results.json"))
     assert results["complete"] and not os.path.exists(out / "results.json.tmp")
     assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]

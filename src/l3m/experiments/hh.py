@@ -49,6 +49,9 @@ class ExperimentSettings(RunSettings):
         "help": "Constrained solvers run at every point."})
     dual_lr: float = field(default=1.0, metadata={
         "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
+    confidence: float | None = field(default=None, metadata={
+        "help": "Satisfaction target of every constrained run, e.g. 0.9: each training estimate is raised by z * s.e. "
+                "(docs/solver.md); evaluation judges the bounds themselves."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
 
     def __post_init__(self):
@@ -83,10 +86,10 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     objective_steps = objective_step_count(settings.seed, settings.max_steps)
     num_runs = 2 + len(settings.helpful_offsets) * len(settings.solvers)
 
-    def constraints(point):
+    def constraints(point, confidence=None):
         # unconstrained models are still scored by both rewards (a bound every reward satisfies)
-        return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name)
-                for i, name in enumerate(NAMES)]
+        return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name,
+                           confidence=confidence) for i, name in enumerate(NAMES)]
 
     results_path = os.path.join(settings.output_dir, "results.json")
     records, points = [], []
@@ -95,7 +98,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
         print(f"\n{label}: training {steps} steps", flush=True)
         args = settings.training_args(label, steps, solver=solver, dual_lr=settings.dual_lr)
         result = train_and_evaluate(args, model_args, splits["train"], splits["test"],
-                                    constraints=constraints(point) if point is not None else [],
+                                    constraints=constraints(point, settings.confidence) if point is not None else [],
                                     eval_constraints=constraints(point), train=steps > 0,
                                     eval_max_new_tokens=settings.eval_max_new_tokens,
                                     description=f"Evaluating {label}")
