@@ -49,3 +49,48 @@ def test_experiment_settings_turn_bf16_auto_into_the_trainer_flag(monkeypatch, t
     assert DemoSettings(output_dir=str(tmp_path), bf16="auto").training_args("L3M", 2).bf16 is True
     monkeypatch.setattr(runner, "resolve_bf16", lambda choice: resolve_bf16(choice, AVX2))
     assert DemoSettings(output_dir=str(tmp_path), bf16="auto").training_args("L3M", 2).bf16 is False
+
+
+def _cgroup_v2(tmp_path, text):
+    (tmp_path / "cpu.max").write_text(text)
+    return str(tmp_path)
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores_torch_may_use(tmp_path, monkeypatch):
+    import os
+
+    from l3m.hardware import available_cpus, cgroup_cpu_quota
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core host
+    for name in ("none", "quota"):
+        (tmp_path / name).mkdir()
+    assert cgroup_cpu_quota(_cgroup_v2(tmp_path / "none", "max 100000\n")) is None
+    assert available_cpus(_cgroup_v2(tmp_path / "quota", "150000 100000\n")) == 2  # --cpus 1.5 rounds up
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(str(tmp_path / "v1")) == 4
+    assert available_cpus(str(tmp_path / "no-cgroup")) == 64
+
+
+def test_threads_are_lowered_to_the_quota_unless_the_user_set_them(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from l3m.hardware import match_threads_to_cpus
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    root = _cgroup_v2(tmp_path, "200000 100000\n")
+    assert match_threads_to_cpus(root) == 2 and calls == [2]
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert match_threads_to_cpus(root) is None and calls == [2]
+    monkeypatch.undo()
+    assert torch.get_num_threads() == threads

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from l3m.errors import L3MError, L3MTrainingStopped
+from l3m.hardware import match_threads_to_cpus
 from l3m.parsing import parse_command, parse_train_args
 
 
@@ -132,6 +133,7 @@ USAGE = """usage: l3m <command> [--config FILE.yaml] [--field value ...]
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    match_threads_to_cpus()
     try:
         return _dispatch(COMMANDS, USAGE, argv)
     except SystemExit as exit_request:  # --help

@@ -1,12 +1,19 @@
-"""What this CPU does fast: bf16 autocast pays off on CPU only with native bf16 instructions.
+"""What this CPU offers: native bf16, and how many cores the process may really use.
 
-Without them (e.g. AVX2-only CPUs) PyTorch emulates bf16 matrix products, which on this project's 2-core AVX2 machine
-run about 20x slower than float32; with ``avx512_bf16`` or ``amx_bf16`` they are faster than float32.
+bf16 autocast pays off on CPU only with native bf16 instructions. Without them (e.g. AVX2-only CPUs) PyTorch emulates
+bf16 matrix products, which on this project's 2-core AVX2 machine run about 20x slower than float32; with
+``avx512_bf16`` or ``amx_bf16`` they are faster than float32.
+
+torch starts one thread per core it sees; in a container with a CPU quota (``docker run --cpus 2`` on a 64-core
+host) that is one per host core, and the oversubscribed threads slow every matrix product. ``l3m``'s commands lower
+the thread count to the quota (:func:`match_threads_to_cpus`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 logger = logging.getLogger("l3m")
 
@@ -50,3 +57,42 @@ def warn_slow_bf16(args, flags: set[str] | None = None) -> str | None:
                "autocast is emulated and typically much slower than float32 here; set bf16: false")
     logger.warning(message)
     return message
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota in cores of the process's cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None without one."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (rounded up)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(root)
+    return count if quota is None else max(1, min(count, math.ceil(quota)))
+
+
+def match_threads_to_cpus(root: str = "/sys/fs/cgroup") -> int | None:
+    """Lower torch's thread count to :func:`available_cpus` when it is higher and neither ``OMP_NUM_THREADS`` nor
+    ``MKL_NUM_THREADS`` is set (a user's choice stays); returns the new count, or None when nothing changed."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return None
+    cpus = available_cpus(root)
+    if torch.get_num_threads() <= cpus:
+        return None
+    torch.set_num_threads(cpus)
+    return cpus
