@@ -197,17 +197,22 @@ def test_nucleus_is_the_distribution_of_transformers_top_k_top_p_warpers(scale, 
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
-def test_nucleus_sorts_in_full_only_the_rows_whose_candidates_miss_top_p_of_the_mass():
+def test_nucleus_widens_the_search_only_for_rows_whose_candidates_miss_top_p_of_the_mass():
     from l3m.sampling import nucleus
 
     torch.manual_seed(1)
     peaked, flat = torch.randn(3, 2000) * 8, torch.randn(3, 2000) * 0.1
     logits = torch.cat([peaked, flat])[torch.tensor([0, 3, 1, 4, 2, 5])]  # interleaved
     probs, ids = nucleus(logits, 0.9, candidates=16)
-    assert probs.shape[1] == 2000  # the flat rows needed the whole vocabulary
+    assert probs.shape[1] == 2000  # the flat rows needed the whole vocabulary (16, then 256, then all)
     kept = (probs > 0).sum(dim=1)
-    assert kept[::2].max() <= 16 < kept[1::2].min()
+    assert kept[::2].max() <= 16 < 256 < kept[1::2].min()
     torch.testing.assert_close(_on_vocabulary(probs, ids, 2000), _transformers_nucleus(logits, 0.9, 0),
+                               atol=1e-6, rtol=1e-5)
+    middle = torch.cat([peaked, torch.randn(1, 2000) * 2.5])  # a nucleus of 17..256 tokens: 256 suffice
+    probs, ids = nucleus(middle, 0.9, candidates=16)
+    assert probs.shape[1] == 256 and 16 < (probs[-1] > 0).sum() <= 256
+    torch.testing.assert_close(_on_vocabulary(probs, ids, 2000), _transformers_nucleus(middle, 0.9, 0),
                                atol=1e-6, rtol=1e-5)
 
 

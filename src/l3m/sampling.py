@@ -79,19 +79,17 @@ def nucleus(logits: torch.Tensor, top_p: float, top_k: int = 0,
     reaches ``top_p``. With ``top_k`` the mass is renormalized within the top ``top_k`` first.
 
     Sorting the whole vocabulary (49k entries for SmolLM2) at every decoding step costs more than the model's
-    output layer at small batch; so without ``top_k`` only the ``candidates`` largest logits are searched, with
-    probabilities normalized over the full vocabulary. When they hold at least ``top_p`` of the mass, the nucleus
-    lies inside them and the result is exact; rows where they do not (a flat distribution) are sorted in full.
+    output layer at small batch; so without ``top_k`` only the ``candidates`` largest logits are searched
+    (:func:`_candidate_probs`), with probabilities normalized over the full vocabulary. When they hold at least
+    ``top_p`` of the mass the nucleus lies inside them and the result is exact; rows where they do not (a flat
+    distribution) search 16 times as many, up to the whole vocabulary.
     """
     if top_p >= 1.0 and top_k <= 0:
         return logits.softmax(dim=-1), torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
-    probs, ids = _largest_probs(logits, top_k if top_k > 0 else min(candidates, logits.shape[1]), top_k > 0)
-    uncovered = probs.sum(dim=-1) < top_p
-    if top_k <= 0 and probs.shape[1] < logits.shape[1] and bool(uncovered.any()):
-        full_probs, full_ids = _largest_probs(logits[uncovered], logits.shape[1], within=False)
-        pad = logits.shape[1] - probs.shape[1]
-        probs, ids = F.pad(probs, (0, pad)), F.pad(ids, (0, pad))
-        probs[uncovered], ids[uncovered] = full_probs, full_ids
+    if top_k > 0:
+        probs, ids = _largest_probs(logits, top_k, within=True)
+    else:
+        probs, ids = _candidate_probs(logits, top_p, candidates)
     if top_p < 1.0:
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
         probs = torch.where(mass_before < top_p, probs, torch.zeros_like(probs))
@@ -103,6 +101,20 @@ def _largest_probs(logits: torch.Tensor, k: int, within: bool) -> tuple[torch.Te
     vocabulary, or over the ``k`` tokens when ``within``, and ids."""
     values, ids = logits.topk(min(k, logits.shape[1]), dim=-1)
     return (values - (values if within else logits).logsumexp(dim=-1, keepdim=True)).exp(), ids
+
+
+def _candidate_probs(logits: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted probabilities and ids of each row's ``k`` largest logits; rows where they hold less than ``top_p`` of
+    the mass get ``16 k`` (and so on, up to the vocabulary), the others are padded with probability 0."""
+    probs, ids = _largest_probs(logits, k, within=False)
+    uncovered = probs.sum(dim=-1) < top_p
+    if probs.shape[1] == logits.shape[1] or not bool(uncovered.any()):
+        return probs, ids
+    wider_probs, wider_ids = _candidate_probs(logits[uncovered], top_p, 16 * k)
+    pad = wider_probs.shape[1] - probs.shape[1]
+    probs, ids = F.pad(probs, (0, pad)), F.pad(ids, (0, pad))
+    probs[uncovered], ids[uncovered] = wider_probs, wider_ids
+    return probs, ids
 
 
 class NucleusSampler(LogitsProcessor):
