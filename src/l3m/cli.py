@@ -1,7 +1,6 @@
-"""The ``l3m`` command: parse the arguments of a command, then make one library call.
-
-Every command reads ``--config file.yaml`` (the fields of ``l3m <command> --help``) and ``--field value`` overrides
-through one parser (:class:`l3m.parsing.L3MParser`); bad input ends with one line naming the field, exit code 2.
+"""The ``l3m`` command: parse the arguments of a command, then make one library call. Every command reads ``--config
+file.yaml`` (the fields of ``l3m <command> --help``) and ``--field value`` overrides through one parser
+(:class:`l3m.parsing.L3MParser`); bad input ends with one line naming the field, exit code 2.
 """
 
 from __future__ import annotations
@@ -131,11 +130,10 @@ USAGE = """usage: l3m <command> [--config FILE.yaml] [--field value ...]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     match_threads_to_cpus()
     try:
-        return _dispatch(COMMANDS, USAGE, argv)
+        return _dispatch(COMMANDS, USAGE, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_request:  # --help
         return exit_request.code if isinstance(exit_request.code, int) else 0
     except L3MError as err:  # L3MTrainingStopped by a signal N exits with 128 + N, the shell's convention
