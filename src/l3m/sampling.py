@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-NUCLEUS_CANDIDATES = 256  # logits searched for the top-p nucleus before falling back to sorting the vocabulary
+NUCLEUS_CANDIDATES = 256  # largest logits searched for the top-p nucleus first (then 16x as many, up to all)
 
 
 @dataclass
