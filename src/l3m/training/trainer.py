@@ -25,12 +25,12 @@ from l3m.constraints import (Constraint, compute_rewards, parse_constraints, sat
                              target_metrics, training_estimate, violations)
 from l3m.data import CompletionCollator, prepare_dataset
 from l3m.errors import L3MConfigError
+from l3m.hardware import warn_slow_bf16
 from l3m.loading import load_model_and_tokenizer, load_tokenizer
 from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 from l3m.solvers import build_solver
 from l3m.training.coin import is_constraint_step
-from l3m.hardware import warn_slow_bf16
 from l3m.training.distributed import check_launch, process_local_sampling
 from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.training.reinforce import constraint_advantages, reinforce_loss
