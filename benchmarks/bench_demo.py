@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -138,11 +137,12 @@ def instrument(timers: Timers) -> None:
 
 
 def run(args) -> dict:
-    import l3m
     import torch
+
+    import l3m
+    from l3m.config import ModelConfig
     from l3m.experiments import demo
     from l3m.loading import load_model_and_tokenizer
-    from l3m.config import ModelConfig
 
     limits = machine_limits()
     print(f"{limits['cpu']}, {limits['threads']} threads: read bandwidth {limits['read_bandwidth_gbs']:.1f} GB/s, "
@@ -154,7 +154,6 @@ def run(args) -> dict:
 
     timers = Timers()
     instrument(timers)
-    runs = demo.DEMO_RUNS
     original = demo.train_and_evaluate
 
     def train_and_evaluate(*a, description="", **kw):  # names the run for the timers
@@ -169,7 +168,7 @@ def run(args) -> dict:
               if v is not None}
     settings = demo.DemoSettings(output_dir=args.output_dir, **fields)
     start = time.perf_counter()
-    demo.run_demo(settings, runs)
+    demo.run_demo(settings)
     total = time.perf_counter() - start
 
     generation = {}
@@ -255,5 +254,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
