@@ -187,9 +187,10 @@ class Bound:
     threshold: float
     sign: float
 
-    def margins(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` margins ``m = sign * r - threshold`` of ``(N,)`` rewards."""
-        return self.sign * rewards - self.threshold
+    def margins(self, rewards: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """``(N,)`` margins ``m = sign * r - threshold`` of ``(N,)`` rewards; with ``target``, against the training
+        target: ``m - margin``."""
+        return self.sign * rewards - self.threshold - (self.constraint.margin if target else 0.0)
 
     def values(self, rewards: torch.Tensor, target: bool = False) -> torch.Tensor:
         """``(N,)`` per-sample terms ``c`` whose mean is the Monte-Carlo estimate of ``C`` (``<= 0`` satisfied).
@@ -198,7 +199,7 @@ class Bound:
         ``target``, against the training target: ``m - margin`` in place of ``m``.
         """
         c = self.constraint
-        m = self.margins(rewards) - (c.margin if target else 0.0)
+        m = self.margins(rewards, target)
         if c.kind == "chance":
             return (1.0 - c.epsilon) - (m >= 0).to(m.dtype)
         if c.kind == "uniform":
@@ -217,7 +218,7 @@ class Bound:
         """
         c = self.constraint
         if c.kind == "chance":
-            return (1.0 - c.epsilon) - torch.sigmoid((self.margins(rewards) - c.margin) / c.indicator_temperature)
+            return (1.0 - c.epsilon) - torch.sigmoid(self.margins(rewards, target=True) / c.indicator_temperature)
         return self.values(rewards, target=True)
 
     def target(self, confidence_term: float = 0.0) -> float:

@@ -99,14 +99,14 @@ def describe_bound(bound: Bound, value: float) -> str:
     'mean reward 9, target <= 7'
     """
     c = bound.constraint
-    threshold = bound.threshold + c.margin  # training's target (the value is estimated against it)
-    side = f">= {threshold:g}" if bound.sign > 0 else f"<= {-threshold:g}"
+    target = bound.target()  # training's target in reward units (the value is estimated against it)
+    side = f">= {target:g}" if bound.sign > 0 else f"<= {target:g}"
     if c.kind == "chance":
         return f"fraction meeting {side}: {(1 - c.epsilon) - value:.4g}, target >= {1 - c.epsilon:g}"
     if c.kind == "uniform":
         direction = "below" if bound.sign > 0 else "above"
-        return f"mean shortfall {direction} {abs(threshold):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
-    return f"mean reward {bound.sign * (threshold - value):.4g}, target {side}"
+        return f"mean shortfall {direction} {abs(target):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
+    return f"mean reward {target - bound.sign * value:.4g}, target {side}"
 
 
 class InfeasibilityMonitor:
