@@ -37,23 +37,24 @@ def machine_limits() -> dict:
     import torch
 
     data = torch.randn(128 * 1024 * 1024)  # 512 MiB, touched
-    data.sum()
-    reads = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        reads.append(time.perf_counter() - start)
+    read = best_seconds(data.sum, 5)
     del data
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    mms = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        mms.append(time.perf_counter() - start)
+    matmul = best_seconds(lambda: a @ b, 10)
     return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "read_bandwidth_gbs": 512 * 2**20 / min(reads) / 1e9, "matmul_peak_gflops": 2 * 2048**3 / min(mms) / 1e9,
+            "read_bandwidth_gbs": 512 * 2**20 / read / 1e9, "matmul_peak_gflops": 2 * 2048**3 / matmul / 1e9,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def best_seconds(function, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``function``, after one untimed call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def cpu_model() -> str:
@@ -82,14 +83,17 @@ class Timers:
         self.calls = defaultdict(int)
         self.generation = defaultdict(lambda: {"seconds": 0.0, "decode_steps": 0, "rows": 0, "tokens": 0})
 
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[(self.run, name)] += seconds
+        self.calls[(self.run, name)] += 1
+
     @contextmanager
     def part(self, name: str):
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[(self.run, name)] += time.perf_counter() - start
-            self.calls[(self.run, name)] += 1
+            self.add(name, time.perf_counter() - start)
 
 
 def instrument(timers: Timers) -> None:
@@ -108,7 +112,7 @@ def instrument(timers: Timers) -> None:
             record["decode_steps"] += completions.completion_mask.shape[1]
             record["rows"] = max(record["rows"], completions.completion_mask.shape[0])
             record["tokens"] += int(completions.completion_mask.sum())
-            timers.seconds[(timers.run, f"{kind} sampling")] += seconds
+            timers.add(f"{kind} sampling", seconds)
             return completions
         return wrapper
 
@@ -129,8 +133,7 @@ def instrument(timers: Timers) -> None:
         start = time.perf_counter()
         loss = step(self, *args, **kwargs)
         name = f"{'constraint' if self._constraint_step else 'objective'} steps"  # the coin is flipped inside
-        timers.seconds[(timers.run, name)] += time.perf_counter() - start
-        timers.calls[(timers.run, name)] += 1
+        timers.add(name, time.perf_counter() - start)
         return loss
 
     trainer_module.L3MTrainer.training_step = training_step
@@ -158,10 +161,8 @@ def run(args) -> dict:
 
     def train_and_evaluate(*a, description="", **kw):  # names the run for the timers
         timers.run = description.removeprefix("Evaluating ").strip() or "run"
-        start = time.perf_counter()
-        result = original(*a, description=description, **kw)
-        timers.seconds[(timers.run, "total")] += time.perf_counter() - start
-        return result
+        with timers.part("total"):
+            return original(*a, description=description, **kw)
 
     demo.train_and_evaluate = train_and_evaluate
     fields = {k: v for k, v in (("max_steps", args.max_steps), ("test_size", args.test_size), ("seed", args.seed))
