@@ -72,7 +72,7 @@ class AlignmentSettings(RunSettings):
     num_generations: int = field(default=4, metadata={
         "help": "Responses per prompt in every CAID pass, and GRPO's group size."})
     max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
-    threshold_offsets: list[float] = field(default_factory=lambda: [0.15, 0.25], metadata={
+    threshold_offsets: list[float] = field(default_factory=lambda: [0.05, 0.15], metadata={
         "help": "Thresholds b = the initial model's mean civility on its training samples + each offset (> 0, so "
                 "it violates them). On the demo model: mean 0.19, s.d. 0.38 (so a held-out s.e. of ~0.07 on 32 "
                 "prompts), and the best of 4 responses per prompt averages mean + 0.30, the most the one-shot dual's "
@@ -83,9 +83,9 @@ class AlignmentSettings(RunSettings):
         "help": "CAID's dual step, lambda <- max(0, lambda - dual_lr * (E[civility] - b))."})
     dpo_batch_size: int = field(default=4, metadata={"help": "Preference pairs per DPO step (one epoch over "
                                                              "train_prompts x num_generations / 2 pairs)."})
-    dpo_epochs: int = field(default=1, metadata={"help": "Epochs of each DPO policy step over its pairs (TRL's "
+    dpo_epochs: int = field(default=2, metadata={"help": "Epochs of each DPO policy step over its pairs (TRL's "
                                                          "num_train_epochs)."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of DPO and GRPO (all weights)."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of DPO and GRPO (all weights)."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "GRPO completions per step (prompts per step x num_generations)."})
     max_steps: int = field(default=0, metadata={"help": "GRPO steps of each arm; 0: CAID's sample budget, "
