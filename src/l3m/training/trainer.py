@@ -30,6 +30,7 @@ from l3m.loading import load_model_and_tokenizer, load_tokenizer
 from l3m.rewards.models import place_reward_models
 from l3m.sampling import completion_logps, eos_ids, response_nll, sample_completions
 from l3m.solvers import build_solver
+from l3m.training.batch_order import CoinSampler
 from l3m.training.coin import is_constraint_step
 from l3m.training.distributed import check_launch, process_local_sampling
 from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
@@ -120,15 +121,23 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
 
+    # Overridden so that objective steps read the task data in the order plain SFT does (batch_order.py).
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return CoinSampler(len(dataset), per_step, args.seed, self._is_constraint_step)
+
+    def _is_constraint_step(self, step: int) -> bool:
+        return bool(self.bounds) and is_constraint_step(self.args.seed, step, self.args.objective_step_probability)
+
     # Overridden to flip the coin once per optimizer step, and to close each optimizer step (after the last
     # gradient-accumulation micro-batch's backward, before clipping and the optimizer) in _end_optimizer_step.
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
         if self._metric_marks is None:  # the first micro-batch of this optimizer step
             self._metric_marks = {key: len(values) for key, values in self._metrics.items()}
-        self._constraint_step = bool(self.bounds) and is_constraint_step(
-            self.args.seed, step, self.args.objective_step_probability
-        )
+        self._constraint_step = self._is_constraint_step(step)
         return self._guarded_training_step(model, inputs, num_items_in_batch, step)
 
     def _end_optimizer_step(self, model, step: int) -> None:
