@@ -76,6 +76,25 @@ def test_every_iterate_is_recorded_and_the_multipliers_follow_the_dual_step(tmp_
         caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, beta=0.25))
 
 
+@pytest.mark.parametrize("pairs_from", ["reference", "latest"])
+def test_each_policy_step_pairs_the_responses_pairs_from_names(tmp_path, monkeypatch, pairs_from):
+    """'reference': every DPO step is on pi_ref's responses (also after a resume); 'latest': on the previous
+    policy's."""
+    tokenizer = build_tokenizer()
+    paired = []
+    dataset = caid.preference_dataset
+    monkeypatch.setattr(caid, "preference_dataset",
+                        lambda prompts, responses, *a: paired.append(responses) or dataset(prompts, responses, *a))
+    args = config(tmp_path, pairs_from=pairs_from)
+    caid.run_caid(build_model(tokenizer), tokenizer, prompts(), args)
+    caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, pairs_from=pairs_from,
+                                                                       outer_iterations=3))
+    passes = [caid.Samples.load(os.path.join(args.output_dir, f"iteration-{t}", "samples.jsonl")).responses
+              for t in range(3)]
+    assert len(paired) == 3 and passes[1] != passes[0] != passes[2]
+    assert paired == ([passes[0]] * 3 if pairs_from == "reference" else passes)
+
+
 def test_with_lora_each_policy_step_is_a_fresh_adapter_and_the_base_model_is_given_back(tmp_path):
     from peft import LoraConfig
 
@@ -99,6 +118,7 @@ def test_with_lora_each_policy_step_is_a_fresh_adapter_and_the_base_model_is_giv
     (dict(constraints="[{reward: length_tokens}]"), r"give at least one of 'min' or 'max'"),
     (dict(loss_type="ipo"), r"^loss_type: must be 'sigmoid'"),
     (dict(num_generations=1), r"^num_generations: must be >= 2"),
+    (dict(pairs_from="policy"), r"^pairs_from: must be 'reference' or 'latest'"),
     (dict(constraints=[{**SHORT, "margin": 1}]), r"^constraints\[short\]: margin and confidence are training targets"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):

@@ -78,6 +78,7 @@ def test_the_alignment_experiment_runs_quick_on_the_tiny_model(assets, tmp_path,
                                               "model's mean civility, got [0.1, 0.0]"),
     ("", ["--outer_iterations", "0"], "outer_iterations: expected K >= 1 (CAN is K = 1), got 0"),
     ("", ["--dpo_epochs", "0"], "dpo_epochs: expected an integer >= 1, got 0"),
+    ("", ["--pairs_from", "policy"], "pairs_from: expected 'reference' or 'latest', got 'policy'"),
     ("", ["--num_generations", "3"], "per_device_train_batch_size: GRPO's 8 completions per step must be whole "
                                      "groups of num_generations=3"),
 ])

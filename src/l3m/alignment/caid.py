@@ -6,7 +6,8 @@ r"""CAID, the iterative dual loop (Zhang et al. 2025, arXiv 2505.19387), as one 
    :math:`\lambda_0`.
 2. **Outer iteration** *t* = 1..K (``outer_iterations``):
 
-   - policy step (E1, E6): pseudo-preference pairs from the latest samples, labelled by Bradley-Terry on
+   - policy step (E1, E6): pseudo-preference pairs from the samples of :math:`\pi_\mathrm{ref}` (``pairs_from``
+     ``reference``; ``latest``: the previous policy's), labelled by Bradley-Terry on
      :math:`s = r + \lambda_{t-1}^\top (g - b)` (the constant :math:`\lambda^\top b` cancels in a pair), DPO from
      :math:`\pi_\mathrm{ref}` with reference :math:`\pi_\mathrm{ref}` (:func:`l3m.alignment.policy.dpo_policy_step`):
      :math:`\pi_t \approx \pi_{\lambda_{t-1}}`;
@@ -95,14 +96,16 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
         _save(args.output_dir, 0, samples, state)
     else:
         samples = Samples.load(_path(args.output_dir, state["completed"], SAMPLES_NAME))
+    reference = samples if state["completed"] == 0 else Samples.load(_path(args.output_dir, 0, SAMPLES_NAME))
     lam = torch.tensor(list(state["records"][-1]["next_multipliers"].values()), dtype=torch.float64)
     iterations = range(state["completed"] + 1, args.outer_iterations + 1)
     for t in tqdm(iterations, desc="CAID outer iterations", disable=args.disable_tqdm):
         started = time.time()
-        chosen, rejected = pseudo_preference_pairs(samples.objective + samples.slack @ lam, args.beta,
+        paired = reference if args.pairs_from == "reference" else samples
+        chosen, rejected = pseudo_preference_pairs(paired.objective + paired.slack @ lam, args.beta,
                                                    torch.Generator().manual_seed(args.seed * 1_000_003 + t),
                                                    deterministic=args.deterministic_pairs)
-        dataset = preference_dataset(prompts.raw, samples.responses, chosen, rejected)
+        dataset = preference_dataset(prompts.raw, paired.responses, chosen, rejected)
         step_args = args.policy_step_config(_path(args.output_dir, t, "dpo"))
         policy = dpo_policy_step(model, tokenizer, dataset, step_args, peft_config=copy.deepcopy(peft_config))
         reference_logps = _reference_logps(policy if peft_config is not None else None, model)

@@ -78,6 +78,12 @@ class CAIDConfig(DPOConfig):
         metadata={"help": "Cap on every multiplier. The one-shot dual is unbounded when the samples of pi_ref cannot "
                           "meet a constraint; lambda then stops at the cap (reported as at_cap)."},
     )
+    pairs_from: str = field(
+        default="reference",
+        metadata={"help": "Whose responses every policy step pairs up for DPO: 'reference' (pi_ref's pass, relabelled "
+                          "at each iteration's lambda: the pairs a DPO from pi_ref with reference pi_ref fits best) or "
+                          "'latest' (the previous policy's pass). Dual steps always use the latest policy's pass."},
+    )
     deterministic_pairs: bool = field(
         default=False,
         metadata={"help": "Prefer the higher-scoring response of each pair always, instead of with Bradley-Terry "
@@ -105,6 +111,8 @@ class CAIDConfig(DPOConfig):
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.generation_batch_size >= 1, "generation_batch_size",
                f"must be >= 1, got {self.generation_batch_size}")
+        _check(self.pairs_from in ("reference", "latest"), "pairs_from",
+               f"must be 'reference' or 'latest', got {self.pairs_from!r}")
         _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
         _check(self.multiplier_max > 0, "multiplier_max", f"must be > 0, got {self.multiplier_max}")
         loss = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)

@@ -24,15 +24,16 @@ user turn of chatterbot conversations, after the system turn ``system_prompt`` (
    (also ``table.txt``) and the figure (objective vs constraint with the thresholds; CAID's lambda over iterations)
    come at the end.
 
-**Sample budget.** CAID's policy steps train on K passes of ``train_prompts x num_generations`` responses (the pass
-of its last policy only sets the next lambda and the record), CAN on one; each GRPO arm gets K passes' worth of
+**Sample budget.** CAID samples K + 1 passes of ``train_prompts x num_generations`` responses (pi_ref's, then one per
+policy: each sets the next lambda; its K policy steps pair up pi_ref's pass, or with ``pairs_from: latest`` the
+previous policy's), CAN one; each GRPO arm gets K passes' worth of
 completions (``max_steps`` 0: ``K * train_prompts * num_generations / per_device_train_batch_size`` steps), so it sees
 each training prompt K times with groups of ``num_generations``. A DPO step takes ``dpo_batch_size`` pairs (twice as
 many responses), as many responses as a GRPO step with the defaults. The learning rate is the same for both.
 
-**Time (defaults, 2 CPU cores): 35.9 min measured** (docs/alignment.md, commit 45fd83d): per threshold CAID's
-K = 2 iterations ~6 min, each GRPO arm of 20 steps ~5 min, evaluations ~45 s each; the shared pass of pi_ref 39 s.
-Every training cost scales with ``train_prompts`` and ``dpo_epochs``.
+**Time (2 CPU cores): 33.7 min measured** (docs/alignment.md, commit 6bf9dd1, two DPO epochs): per threshold CAN
+3-3.5 min and CAID's K = 2 iterations 7-7.5 min in all, each GRPO arm of 20 steps ~4 min, evaluations ~45 s each;
+the shared pass of pi_ref 48 s. Every training cost scales with ``train_prompts`` and ``dpo_epochs``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class AlignmentSettings(RunSettings):
     outer_iterations: int = field(default=2, metadata={"help": "CAID's K: outer iterations after the one-shot dual."})
     dual_lr: float = field(default=2.0, metadata={
         "help": "CAID's dual step, lambda <- max(0, lambda - dual_lr * (E[civility] - b))."})
-    dpo_batch_size: int = field(default=4, metadata={"help": "Preference pairs per DPO step (one epoch over "
+    pairs_from: str = field(default="reference", metadata={
+        "help": "Whose responses CAID's policy steps pair up: 'reference' (pi_ref's pass, relabelled at each lambda) "
+                "or 'latest' (the previous policy's pass; docs/alignment.md has a run of each)."})
+    dpo_batch_size: int = field(default=4, metadata={"help": "Preference pairs per DPO step (an epoch is over "
                                                              "train_prompts x num_generations / 2 pairs)."})
     dpo_epochs: int = field(default=2, metadata={"help": "Epochs of each DPO policy step over its pairs (TRL's "
                                                          "num_train_epochs)."})
@@ -102,6 +106,8 @@ class AlignmentSettings(RunSettings):
         if not offsets or any(not math.isfinite(o) or o <= 0 for o in offsets):
             raise L3MConfigError(f"threshold_offsets: expected at least one offset > 0 above the initial model's mean "
                                  f"civility, got {offsets!r}")
+        if self.pairs_from not in ("reference", "latest"):
+            raise L3MConfigError(f"pairs_from: expected 'reference' or 'latest', got {self.pairs_from!r}")
         if self.outer_iterations < 1:
             raise L3MConfigError(f"outer_iterations: expected K >= 1 (CAN is K = 1), got {self.outer_iterations}")
         if not math.isfinite(self.beta) or self.beta <= 0:
@@ -173,14 +179,15 @@ def experiment_prompts(settings: AlignmentSettings, tokenizer):
 
 
 def caid_config(settings: AlignmentSettings, threshold: float, output_dir: str, objective):
-    """The :class:`l3m.alignment.CAIDConfig` of CAID at threshold ``b``: full-weight DPO steps of one epoch."""
+    """The :class:`l3m.alignment.CAIDConfig` of CAID at threshold ``b``: full-weight DPO steps of ``dpo_epochs``."""
     from l3m.alignment import CAIDConfig
 
     return CAIDConfig(
         output_dir=output_dir, reward=objective, constraints=[{"name": NAME, "reward": "civility", "min": threshold}],
         beta=settings.beta, outer_iterations=settings.outer_iterations, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=1.0, top_p=1.0, generation_batch_size=8,
-        dual_lr=settings.dual_lr, learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+        dual_lr=settings.dual_lr, pairs_from=settings.pairs_from, learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
         per_device_train_batch_size=settings.dpo_batch_size, num_train_epochs=settings.dpo_epochs, warmup_steps=0,
         seed=settings.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         bf16=resolve_bf16(settings.bf16),
