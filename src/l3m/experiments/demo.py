@@ -39,7 +39,8 @@ class DemoRun:
 
 DEMO_RUNS = (
     DemoRun("initial", max_steps=0),
-    # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps.
+    # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps, on the
+    # same batches in the same order (l3m.training.batch_order).
     DemoRun("SFT", match_objective_steps=True),
     DemoRun("L3M [2, 8]", 2, 8),
     DemoRun("L3M [13, 30]", 13, 30),
