@@ -28,6 +28,9 @@ def _yaml(value, name: str):
     return value
 
 
+PAIR_SOURCES = ("reference", "latest")  # whose responses a policy step pairs up: pi_ref's, or the latest policy's
+
+
 @dataclass
 class CAIDConfig(DPOConfig):
     r"""``trl.DPOConfig`` plus the fields of the iterative dual loop (CAID).
@@ -111,7 +114,7 @@ class CAIDConfig(DPOConfig):
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.generation_batch_size >= 1, "generation_batch_size",
                f"must be >= 1, got {self.generation_batch_size}")
-        _check(self.pairs_from in ("reference", "latest"), "pairs_from",
+        _check(self.pairs_from in PAIR_SOURCES, "pairs_from",
                f"must be 'reference' or 'latest', got {self.pairs_from!r}")
         _check(self.dual_lr >= 0, "dual_lr", f"must be >= 0, got {self.dual_lr}")
         _check(self.multiplier_max > 0, "multiplier_max", f"must be > 0, got {self.multiplier_max}")

@@ -106,7 +106,9 @@ class AlignmentSettings(RunSettings):
         if not offsets or any(not math.isfinite(o) or o <= 0 for o in offsets):
             raise L3MConfigError(f"threshold_offsets: expected at least one offset > 0 above the initial model's mean "
                                  f"civility, got {offsets!r}")
-        if self.pairs_from not in ("reference", "latest"):
+        from l3m.alignment.config import PAIR_SOURCES
+
+        if self.pairs_from not in PAIR_SOURCES:
             raise L3MConfigError(f"pairs_from: expected 'reference' or 'latest', got {self.pairs_from!r}")
         if self.outer_iterations < 1:
             raise L3MConfigError(f"outer_iterations: expected K >= 1 (CAN is K = 1), got {self.outer_iterations}")
