@@ -52,6 +52,8 @@ from l3m.files import write_json
 from l3m.hardware import resolve_bf16
 
 NAME = "harmless"  # the constraint's name in every method
+METHODS = ("caid", "l3m", "mm")  # CAID (with CAN, its first iterate), the barrier and dual ascent on GRPO
+GRPO_ARMS = (("l3m", "l3m (barrier)"), ("mm", "mm (dual ascent)"))  # (solver, label)
 DESCRIPTION = ("Constrained alignment on the offline helpful/harmless stand-in: CAID, its one-shot predecessor, the "
                "l3m barrier and dual ascent (GRPO), relevance under civility thresholds (docs/alignment.md).")
 
@@ -98,6 +100,9 @@ class AlignmentSettings(RunSettings):
         "help": "mm's dual ascent, lambda <- max(0, lambda + mm_dual_lr * (b - mean civility)) every GRPO step."})
     test_size: int = field(default=32, metadata={"help": "Held-out prompts every model is evaluated on."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Token cap of held-out responses."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
+        "help": "Methods run at each threshold: caid (CAID, whose first iterate is CAN), l3m (the barrier on GRPO), "
+                "mm (dual ascent on GRPO); e.g. --methods caid to rerun CAID alone."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: 4 prompts, 2 responses each, 8 tokens, 4 "
                                                          "held-out prompts."})
 
@@ -110,6 +115,8 @@ class AlignmentSettings(RunSettings):
 
         if self.pairs_from not in PAIR_SOURCES:
             raise L3MConfigError(f"pairs_from: expected 'reference' or 'latest', got {self.pairs_from!r}")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise L3MConfigError(f"methods: expected a list of {', '.join(METHODS)}, got {self.methods!r}")
         if self.outer_iterations < 1:
             raise L3MConfigError(f"outer_iterations: expected K >= 1 (CAN is K = 1), got {self.outer_iterations}")
         if not math.isfinite(self.beta) or self.beta <= 0:
@@ -271,7 +278,8 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
                                   "relevance": mean_and_se(shared.objective)},
                "caid": [], "runs": [], "complete": False}
     results_path = os.path.join(settings.output_dir, "results.json")
-    total = 1 + 4 * len(thresholds)
+    grpo_arms = [(solver, label) for solver, label in GRPO_ARMS if solver in settings.methods]
+    total = 1 + len(thresholds) * (2 * ("caid" in settings.methods) + len(grpo_arms))
 
     def add(run: dict) -> None:
         results["runs"].append(run)
@@ -284,26 +292,27 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
     add({"label": "initial", "method": "initial", "threshold": None, "train_seconds": 0.0, "responses": 0,
          "multiplier": None, **initial})
     for index, (b, offset) in enumerate(zip(thresholds, settings.threshold_offsets), start=1):
-        caid_dir = os.path.join(settings.output_dir, f"caid_b{index}")
-        shutil.rmtree(caid_dir, ignore_errors=True)  # every run starts fresh: run_caid would resume an old one
-        print(f"\n[{len(results['runs']) + 1}-{len(results['runs']) + 2}/{total}] b = {b:.3f}: CAID, K = {k} "
-              f"(CAN = its iterate 1)", flush=True)
-        records = run_caid(reference, tokenizer, train, caid_config(settings, b, caid_dir, objective),
-                           reference_samples=shared)
-        for record in records:
-            print(format_record(record), flush=True)
-        results["caid"].append({"threshold": b, "offset": offset, "records": records})
-        can_seconds = pass_seconds + records[1]["seconds"]["policy_step"]  # the shared pass counts for each
-        caid_seconds = pass_seconds + sum(r["seconds"]["policy_step"] + r["seconds"]["sampling"] for r in records[1:])
-        for label, t, train_seconds in (("CAN (one-shot)", 1, can_seconds), (f"CAID (K={k})", k, caid_seconds)):
-            path = os.path.join(caid_dir, f"iteration-{t}", "model")
-            model = load_model_and_tokenizer(ModelConfig(model_name_or_path=path))[0]
-            add({"label": label, "method": label.split()[0], "threshold": b, "train_seconds": train_seconds,
-                 "responses": m * n * (1 if label.startswith("CAN") else k + 1), "iterate": t,
-                 "multiplier": records[t - 1]["next_multipliers"][NAME],  # the lambda pi_t was trained for
-                 **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective, b)})
-            del model
-        for label, solver in (("l3m (barrier)", "l3m"), ("mm (dual ascent)", "mm")):
+        if "caid" in settings.methods:
+            caid_dir = os.path.join(settings.output_dir, f"caid_b{index}")
+            shutil.rmtree(caid_dir, ignore_errors=True)  # every run starts fresh: run_caid would resume an old one
+            print(f"\n[{len(results['runs']) + 1}-{len(results['runs']) + 2}/{total}] b = {b:.3f}: CAID, K = {k} "
+                  f"(CAN = its iterate 1)", flush=True)
+            records = run_caid(reference, tokenizer, train, caid_config(settings, b, caid_dir, objective),
+                               reference_samples=shared)
+            for record in records:
+                print(format_record(record), flush=True)
+            results["caid"].append({"threshold": b, "offset": offset, "records": records})
+            can_seconds = pass_seconds + records[1]["seconds"]["policy_step"]  # the shared pass counts for each
+            caid_seconds = pass_seconds + sum(r["seconds"]["policy_step"] + r["seconds"]["sampling"] for r in records[1:])
+            for label, t, train_seconds in (("CAN (one-shot)", 1, can_seconds), (f"CAID (K={k})", k, caid_seconds)):
+                path = os.path.join(caid_dir, f"iteration-{t}", "model")
+                model = load_model_and_tokenizer(ModelConfig(model_name_or_path=path))[0]
+                add({"label": label, "method": label.split()[0], "threshold": b, "train_seconds": train_seconds,
+                     "responses": m * n * (1 if label.startswith("CAN") else k + 1), "iterate": t,
+                     "multiplier": records[t - 1]["next_multipliers"][NAME],  # the lambda pi_t was trained for
+                     **evaluate(settings, f"{label} b={b:.3f}", model, tokenizer, test, reference, objective, b)})
+                del model
+        for solver, label in grpo_arms:
             print(f"\n[{len(results['runs']) + 1}/{total}] b = {b:.3f}: {label}, {steps} GRPO steps", flush=True)
             out = os.path.join(settings.output_dir, f"{slug(label)}_b{index}")
             model, train_seconds, history = grpo_arm(settings, solver, b, out, train, steps)
