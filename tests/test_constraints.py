@@ -213,10 +213,10 @@ def test_a_margin_moves_the_training_target_inward_and_leaves_evaluation_alone(k
 def test_the_confidence_term_is_z_standard_errors_of_the_steps_estimate():
     c, bounds = _bounds("expectation", confidence=0.9)
     assert c.z == pytest.approx(1.2815515655446004)
-    rewards = {"len": torch.tensor([2.0, 4.0, 9.0, 11.0])}
+    rewards = {"len": torch.tensor([4.0, 5.0, 6.0, 8.0])}
     values = violations(bounds, rewards, target=True)
     estimate, terms = training_estimate(bounds, values)
-    se = torch.tensor([2.0, 4.0, 9.0, 11.0]).std() / 2  # the same spread on both sides of a range
+    se = torch.tensor([4.0, 5.0, 6.0, 8.0]).std() / 2  # the same spread on both sides of a range
     torch.testing.assert_close(terms, torch.full((2,), 1.2815515655446004 * se.item()))
     torch.testing.assert_close(estimate, values.mean(dim=0) + terms)
     assert bounds[0].target(terms[0].item()) == pytest.approx(3 + terms[0].item())  # min side moves up
@@ -229,6 +229,22 @@ def test_the_confidence_term_is_z_standard_errors_of_the_steps_estimate():
     torch.testing.assert_close(estimate, values.mean(dim=0))
     _, single = training_estimate(bounds, values[:1])
     assert single.tolist() == [0.0, 0.0]  # one sample has no spread to estimate
+
+
+def test_on_a_range_the_confidence_term_stops_where_the_two_targets_meet():
+    # range [3, 8] with margin 1: room (8 - 3) / 2 - 1 = 1.5 tokens; this spread asks z * s.e. = 1.64 * 2.6 = 4.3
+    c, bounds = _bounds("expectation", margin=1, confidence=0.95)
+    rewards = {"len": torch.tensor([0.0, 0.0, 9.0, 9.0])}
+    values = violations(bounds, rewards, target=True)
+    estimate, terms = training_estimate(bounds, values)
+    assert terms.tolist() == [1.5, 1.5]
+    assert [b.target(t) for b, t in zip(bounds, terms.tolist())] == [5.5, 5.5]  # both aim at the middle
+    torch.testing.assert_close(estimate, values.mean(dim=0) + 1.5)
+    _, small = training_estimate(bounds, violations(bounds, {"len": torch.tensor([5.0, 5.2, 5.4, 5.6])}, target=True))
+    assert 0 < small[0].item() < 1.5  # below the room the term is z * s.e. as before
+    one_sided = Constraint("length_words", min=3, confidence=0.95, name="len").bounds()
+    _, free = training_estimate(one_sided, violations(one_sided, rewards, target=True))
+    assert free.item() == pytest.approx(c.z * torch.tensor([0.0, 0.0, 9.0, 9.0]).std().item() / 2)  # no cap
 
 
 def test_a_chance_confidence_term_is_in_probability_units_and_the_target_keeps_the_threshold():

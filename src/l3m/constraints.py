@@ -17,7 +17,9 @@ samples fail, so the gradient follows the smoothed indicator ``sigmoid(m / indic
 A satisfaction target (issue 15): training aims inside the user's bound, evaluation judges against the bound itself.
 ``margin`` moves each threshold inward by that many reward units (``m - margin`` in training); ``confidence`` adds
 ``z * s.e.`` to each step's estimate of ``C`` (:func:`training_estimate`), ``z`` the standard normal quantile of the
-confidence and s.e. the standard error of the step's own estimate from its samples' spread.
+confidence and s.e. the standard error of the step's own estimate from its samples' spread. On a range (an
+expectation with ``min`` and ``max``) the term is capped at what keeps the two targets from crossing: at most to the
+range's middle.
 
 Shapes: N sampled responses, K one-sided bounds.
 """
@@ -221,6 +223,15 @@ class Bound:
             return (1.0 - c.epsilon) - torch.sigmoid(self.margins(rewards, target=True) / c.indicator_temperature)
         return self.values(rewards, target=True)
 
+    @property
+    def confidence_room(self) -> float:
+        """The largest confidence term (units of ``C``) this bound takes: on a range of an expectation, half its
+        width less the margin, so the two tightened targets meet at most in the middle; unbounded otherwise."""
+        c = self.constraint
+        if c.kind != "expectation" or c.min is None or c.max is None:
+            return math.inf
+        return (c.max - c.min) / 2 - c.margin
+
     def target(self, confidence_term: float = 0.0) -> float:
         """The bound training aims at, in reward units (logged as ``constraints/<name>/target``): the threshold
         moved inward by ``margin`` and, for an expectation, by the step's ``confidence_term`` (``z * s.e.``; for the
@@ -309,12 +320,14 @@ def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor], target
 def training_estimate(bounds: Sequence[Bound], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A training step's ``(K,)`` estimate of ``C`` from its ``(N, K)`` per-sample terms (against the targets), and
     the ``(K,)`` confidence terms it includes: ``mean + z * std / sqrt(N)`` per bound, ``z`` from the bound's
-    ``confidence`` (0 without one; the term is 0 when N < 2 or z = 0)."""
+    ``confidence`` (0 without one; the term is 0 when N < 2 or z = 0), at most the bound's
+    :attr:`Bound.confidence_room`."""
     estimate = values.mean(dim=0)
     z = torch.tensor([b.constraint.z for b in bounds], dtype=values.dtype, device=values.device)
+    room = torch.tensor([b.confidence_room for b in bounds], dtype=values.dtype, device=values.device)
     n = values.shape[0]
     spread = values.std(dim=0) / math.sqrt(n) if n > 1 else torch.zeros_like(estimate)
-    terms = torch.where(z > 0, z * spread, torch.zeros_like(estimate))
+    terms = torch.where(z > 0, z * spread, torch.zeros_like(estimate)).minimum(room)
     return estimate + terms, terms
 
 
