@@ -130,11 +130,29 @@ def test_logged_metrics_cover_the_solver(tmp_path):
 
 
 def test_coin_is_a_seeded_fair_coin():
-    flips = [is_constraint_step(0, step) for step in range(2000)]
-    assert flips == [is_constraint_step(0, step) for step in range(2000)]  # reproducible
-    assert flips != [is_constraint_step(1, step) for step in range(2000)]  # the seed matters
+    flips = [is_constraint_step(0, step, schedule="coin") for step in range(2000)]
+    assert flips == [is_constraint_step(0, step, schedule="coin") for step in range(2000)]  # reproducible
+    assert flips != [is_constraint_step(1, step, schedule="coin") for step in range(2000)]  # the seed matters
     assert 0.45 < sum(flips) / len(flips) < 0.55  # fair (binomial std 0.011)
-    assert not any(is_constraint_step(0, step, objective_step_probability=1.0) for step in range(100))
+    assert not any(is_constraint_step(0, step, objective_step_probability=1.0, schedule="coin") for step in range(100))
+
+
+@pytest.mark.parametrize("objective_step_probability", [0.5, 0.3, 0.75, 0.0, 1.0])
+def test_the_alternate_schedule_holds_every_windows_share_to_within_one(objective_step_probability):
+    q = 1 - objective_step_probability
+    phases = set()
+    for seed in range(20):
+        kinds = [is_constraint_step(seed, step, objective_step_probability) for step in range(200)]
+        for n in (1, 2, 5, 21):
+            for start in range(0, 200 - n):
+                assert abs(sum(kinds[start:start + n]) - n * q) < 1 + 1e-9, (seed, n, start)
+        phases.add(tuple(kinds[:4]))
+    # the seed picks the phase: with a fair coin's share both orders occur (a coin's streak of 13 objective steps
+    # in 21 is what this schedule rules out)
+    if objective_step_probability == 0.5:
+        assert len(phases) == 2
+    with pytest.raises(ValueError, match="unknown step schedule 'dice'"):
+        is_constraint_step(0, 0, schedule="dice")
 
 
 def test_same_seed_gives_same_coins_and_weights(tmp_path):

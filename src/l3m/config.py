@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 from l3m.constraints import parse_constraints
 from l3m.errors import L3MConfigError
 from l3m.solvers import SOLVERS, renamed_solver_message
+from l3m.training.coin import STEP_SCHEDULES
 from l3m.training.reinforce import BASELINES
 
 
@@ -146,6 +147,8 @@ class L3MConfig(SolverConfig, TrainingArguments):
     ema_smoothing (`float`, defaults to `0.1`): weight of a new estimate in the EMA of each constraint value.
     objective_step_probability (`float`, defaults to `0.5`): probability that an optimizer step is an objective
         step rather than a constraint step (the fair coin of Sec. 5.4).
+    step_schedule (`str`, defaults to `"alternate"`): how the two kinds are spread over the steps
+        (:mod:`l3m.training.coin`): evenly at a seeded phase, or the paper's independent coin per step (``"coin"``).
     reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12
         (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates).
 
@@ -188,6 +191,12 @@ class L3MConfig(SolverConfig, TrainingArguments):
         metadata={"help": "Probability that an optimizer step is an objective (SFT) step; otherwise it is a "
                           "constraint step. 0.5 is the paper's fair coin (Sec. 5.4)."},
     )
+    step_schedule: str = field(
+        default="alternate",
+        metadata={"help": "How objective and constraint steps are spread: 'alternate' (every window of steps holds "
+                          "its share of each kind to within one step, at a seeded phase: the coin's marginals "
+                          "without its streaks) or 'coin' (the paper's independent fair coin per step, Sec. 5.4)."},
+    )
     reinforce_baseline: str = field(
         default="leave_one_out",
         metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
@@ -229,6 +238,8 @@ class L3MConfig(SolverConfig, TrainingArguments):
         _check_field_types(self, L3MConfig)
         _check(0 <= self.objective_step_probability <= 1, "objective_step_probability",
                f"must be in [0, 1], got {self.objective_step_probability}")
+        _check(self.step_schedule in STEP_SCHEDULES, "step_schedule",
+               f"must be one of {', '.join(STEP_SCHEDULES)}, got {self.step_schedule!r}")
         _check(self.reinforce_baseline in BASELINES, "reinforce_baseline",
                f"must be one of {', '.join(BASELINES)}, got {self.reinforce_baseline!r}")
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")

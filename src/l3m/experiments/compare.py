@@ -157,7 +157,7 @@ def plan_comparison(argv: list[str]):
             _, training_args, model_args, _ = compare_parser().parse(flags)
             if method.match_objective_steps:
                 steps = objective_step_count(training_args.seed, training_args.max_steps,
-                                             training_args.objective_step_probability)
+                                             training_args.objective_step_probability, training_args.step_schedule)
                 _, training_args, model_args, _ = compare_parser().parse(flags + ["--max_steps", str(steps)])
         except L3MConfigError as err:
             raise L3MConfigError(f"methods[{method.name}]: {err}") from err

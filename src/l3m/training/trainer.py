@@ -1,7 +1,8 @@
 """``L3MTrainer``: the one place that sequences an L3M optimizer step (Sec. 5 of the L3M paper).
 
-Each optimizer step flips a seeded coin (Sec. 5.4). An *objective step* takes a gradient step on the task objective
-``L`` (length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
+Each optimizer step is an objective step or a constraint step, by a seeded schedule (Sec. 5.4's fair coin, spread
+evenly by default: :mod:`l3m.training.coin`). An *objective step* takes a gradient step on the task objective ``L``
+(length-normalized response NLL, Eq. 1/3). A *constraint step* samples responses for the batch's prompts,
 scores them, and takes a REINFORCE step on ``sum_i multiplier_i * C_i`` with the log-barrier multipliers (Eq. 11,
 Sec. 5.2) — or, with ``args.solver`` ``mm`` / ``lagged_dual``, a baseline's learned multipliers (:mod:`l3m.solvers`).
 The Trainer clips each step's gradient on its own, so the two parts are clipped separately. With no constraints, or
@@ -129,7 +130,9 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         return CoinSampler(len(dataset), per_step, args.seed, self._is_constraint_step)
 
     def _is_constraint_step(self, step: int) -> bool:
-        return bool(self.bounds) and is_constraint_step(self.args.seed, step, self.args.objective_step_probability)
+        args = self.args
+        return bool(self.bounds) and is_constraint_step(args.seed, step, args.objective_step_probability,
+                                                        args.step_schedule)
 
     # Overridden to flip the coin once per optimizer step, and to close each optimizer step (after the last
     # gradient-accumulation micro-batch's backward, before clipping and the optimizer) in _end_optimizer_step.
@@ -255,5 +258,6 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         super().log(logs, start_time)
 
     def solver_state_extras(self) -> dict:
-        """The coin's settings, saved with the solver state (a resumed run flips the same coins)."""
-        return {"coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability}}
+        """The step schedule's settings, saved with the solver state (a resumed run takes the same kinds of steps)."""
+        return {"coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability,
+                         "schedule": self.args.step_schedule}}
