@@ -303,7 +303,8 @@ def run_alignment_experiment(settings: AlignmentSettings) -> dict:
                 print(format_record(record), flush=True)
             results["caid"].append({"threshold": b, "offset": offset, "records": records})
             can_seconds = pass_seconds + records[1]["seconds"]["policy_step"]  # the shared pass counts for each
-            caid_seconds = pass_seconds + sum(r["seconds"]["policy_step"] + r["seconds"]["sampling"] for r in records[1:])
+            caid_seconds = pass_seconds + sum(r["seconds"]["policy_step"] + r["seconds"]["sampling"]
+                                              for r in records[1:])
             for label, t, train_seconds in (("CAN (one-shot)", 1, can_seconds), (f"CAID (K={k})", k, caid_seconds)):
                 path = os.path.join(caid_dir, f"iteration-{t}", "model")
                 model = load_model_and_tokenizer(ModelConfig(model_name_or_path=path))[0]
