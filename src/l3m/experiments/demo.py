@@ -53,8 +53,8 @@ class DemoSettings(RunSettings):
     on either side of that."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the runs, results and figure go."})
-    # the evaluation's cap: capped at 32, training never saw the long tail that evaluation counts (one 64-token answer
-    # in 46 moves a held-out mean by 1.4 tokens), and a max bound met in training was missed held out
+    # the evaluation's cap: capped at 32, training never saw the long tail that evaluation counts (at seed 1, three
+    # answers of 46-64 tokens among 46 put 1.4 tokens on a held-out mean), and a max bound met in training was missed
     max_completion_length: int = field(default=64, metadata={
         "help": "Token cap of sampled responses in training (as eval_max_new_tokens: what evaluation counts)."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
