@@ -261,3 +261,15 @@ def test_settings_commands_take_a_yaml_config_and_flags(settings, tmp_path):
     assert {k: getattr(parsed, k) for k in values if k != "seed"} == {k: v for k, v in values.items() if k != "seed"}
     with pytest.raises(L3MConfigError, match="seed: expected an integer, got 1.5"):
         L3MParser((cls,)).parse(["--config", _write_yaml(tmp_path / "bad.yaml", {"seed": 1.5})])
+
+
+def test_demo_training_cap_follows_the_evaluation_cap():
+    """The demo samples in training up to the length evaluation counts, unless told otherwise."""
+    from l3m.experiments.demo import DemoSettings
+    from l3m.parsing import L3MParser
+
+    (parsed,) = L3MParser((DemoSettings,)).parse(["--eval_max_new_tokens", "32"])
+    assert parsed.max_completion_length == 32 and parsed.training_args("L3M", 2).max_completion_length == 32
+    (parsed,) = L3MParser((DemoSettings,)).parse(["--eval_max_new_tokens", "32", "--max_completion_length", "16"])
+    assert parsed.max_completion_length == 16
+    assert DemoSettings().max_completion_length == 64

@@ -55,8 +55,9 @@ class DemoSettings(RunSettings):
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where the runs, results and figure go."})
     # the evaluation's cap: capped at 32, training never saw the long tail that evaluation counts (at seed 1, three
     # answers of 46-64 tokens among 46 put 1.4 tokens on a held-out mean), and a max bound met in training was missed
-    max_completion_length: int = field(default=64, metadata={
-        "help": "Token cap of sampled responses in training (as eval_max_new_tokens: what evaluation counts)."})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "Token cap of sampled responses in training; default eval_max_new_tokens, so that training sees "
+                "the lengths evaluation counts."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
     # Without a target an expectation constraint ends on its bound, and the held-out mean within about a standard
     # error of it on either side (README): the lengthening range then needed 8 samples per prompt to end inside.
@@ -68,6 +69,10 @@ class DemoSettings(RunSettings):
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
+
+    def __post_init__(self):
+        if self.max_completion_length is None:
+            self.max_completion_length = self.eval_max_new_tokens
 
 
 def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None]:
