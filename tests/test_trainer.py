@@ -155,6 +155,19 @@ def test_the_alternate_schedule_holds_every_windows_share_to_within_one(objectiv
         is_constraint_step(0, 0, schedule="dice")
 
 
+def test_a_matched_sft_run_counts_the_objective_steps_of_the_configured_schedule(tmp_path):
+    """SFT matched to an L3M run takes that run's objective steps under its own probability and schedule, not the
+    defaults (at seed 1 and probability 0.3, the coin gives 3 of 20 steps to the objective, alternation 6)."""
+    from l3m import L3MConfig
+    from l3m.training.coin import objective_step_count, objective_steps_of
+
+    for schedule in ("coin", "alternate"):
+        args = L3MConfig(output_dir=str(tmp_path), max_steps=20, seed=1, objective_step_probability=0.3,
+                         step_schedule=schedule, use_cpu=True, report_to=[])
+        assert objective_steps_of(args) == objective_step_count(1, 20, 0.3, schedule)
+    assert objective_step_count(1, 20, 0.3, "coin") != objective_step_count(1, 20, 0.3, "alternate")
+
+
 def test_same_seed_gives_same_coins_and_weights(tmp_path):
     runs = []
     for name in ("a", "b"):

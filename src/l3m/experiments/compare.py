@@ -135,7 +135,7 @@ def plan_comparison(argv: list[str]):
     training_args, model_args)``: the data and the constraints are the same for every method. A method's fields
     are laid over the shared ones as flags after the user's, so they win."""
     from l3m.parsing import as_flags
-    from l3m.training.coin import objective_step_count
+    from l3m.training.coin import objective_steps_of
 
     parser = compare_parser()
     if "--config" not in argv and not {"-h", "--help"} & set(argv):
@@ -156,8 +156,7 @@ def plan_comparison(argv: list[str]):
         try:
             _, training_args, model_args, _ = compare_parser().parse(flags)
             if method.match_objective_steps:
-                steps = objective_step_count(training_args.seed, training_args.max_steps,
-                                             training_args.objective_step_probability, training_args.step_schedule)
+                steps = objective_steps_of(training_args)
                 _, training_args, model_args, _ = compare_parser().parse(flags + ["--max_steps", str(steps)])
         except L3MConfigError as err:
             raise L3MConfigError(f"methods[{method.name}]: {err}") from err

@@ -101,7 +101,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     """Train and evaluate every run; returns one result record per run and writes them as JSON."""
     from l3m.config import ModelConfig, ScriptArguments
     from l3m.loading import load_splits
-    from l3m.training.coin import objective_step_count
+    from l3m.training.coin import objective_steps_of
 
     started = time.time()
     splits = load_splits(ScriptArguments(dataset_name="demo", test_size=settings.test_size,
@@ -114,7 +114,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     for index, run in enumerate(runs, start=1):
         steps = settings.max_steps if run.max_steps is None else run.max_steps
         if run.match_objective_steps:
-            steps = objective_step_count(settings.seed, settings.max_steps)
+            steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
         args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
         constraints = run.constraints(settings.confidence, settings.margin)

@@ -75,7 +75,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     from l3m.experiments.plots import RewardPairResult, plot_reward_pair_figure
     from l3m.loading import load_splits
     from l3m.rewards.models import ModelReward
-    from l3m.training.coin import objective_step_count
+    from l3m.training.coin import objective_steps_of
 
     started = time.time()
     rewards = {name: ModelReward(path, field=f"{name}_rm")
@@ -83,7 +83,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     model_args = ModelConfig(model_name_or_path=settings.model_name_or_path)
     splits = load_splits(ScriptArguments(dataset_name=settings.dataset_name, test_size=settings.test_size,
                                          validation_size=settings.test_size), settings.seed)
-    objective_steps = objective_step_count(settings.seed, settings.max_steps)
+    objective_steps = objective_steps_of(settings.training_args("SFT", settings.max_steps))
     num_runs = 2 + len(settings.helpful_offsets) * len(settings.solvers)
 
     def constraints(point, confidence=None):

@@ -38,3 +38,9 @@ def objective_step_count(seed: int, max_steps: int, objective_step_probability: 
     """How many of ``max_steps`` optimizer steps are objective steps (an SFT run with as many steps takes the same
     number of task-objective steps as a constrained run)."""
     return sum(not is_constraint_step(seed, step, objective_step_probability, schedule) for step in range(max_steps))
+
+
+def objective_steps_of(args) -> int:
+    """:func:`objective_step_count` of a constrained run configured by ``args`` (an :class:`l3m.L3MConfig`): its
+    seed, ``max_steps``, ``objective_step_probability`` and ``step_schedule``."""
+    return objective_step_count(args.seed, args.max_steps, args.objective_step_probability, args.step_schedule)
