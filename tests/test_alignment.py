@@ -202,3 +202,30 @@ def test_pseudo_preference_pairs_are_disjoint_and_deterministic_pairs_pick_the_h
     assert (scores.gather(1, chosen) > scores.gather(1, rejected)).all()
     with pytest.raises(L3MConfigError, match="at least 2 responses"):
         pseudo_preference_pairs(torch.zeros(3, 1), 1.0)
+
+
+def test_the_training_slack_moves_each_bound_in_by_its_margin_and_z_standard_errors():
+    """A satisfaction target on a CAID constraint: slack against ``b + margin + z * s.e.`` (s.e. over prompt
+    means), the same responses' slack against ``b`` untouched; a constant shift, so the tilt is unchanged."""
+    from statistics import NormalDist
+
+    from l3m.alignment.samples import Samples
+    from l3m.constraints import Constraint, violations
+
+    rewards = torch.tensor([[0.1, 0.5, 0.3], [0.0, 0.2, 0.1], [0.9, 0.4, 0.8], [0.3, 0.3, 0.6]], dtype=torch.float64)
+    plain = Constraint(reward="civility", min=0.5, name="safe")
+    target = Constraint(reward="civility", min=0.5, name="safe", margin=0.05, confidence=0.9)
+
+    def samples(constraint):
+        slack = -violations(constraint.bounds(), {"safe": rewards.reshape(-1)}).double().reshape(4, 3, 1)
+        return Samples([["y"] * 3] * 4, rewards * 0, {"safe": rewards}, slack, rewards * 0, rewards < 0)
+
+    same, terms = samples(plain).training_slack(plain.bounds())
+    assert torch.equal(same, samples(plain).slack) and terms.tolist() == [0.0]
+    moved, terms = samples(target).training_slack(target.bounds())
+    z_se = NormalDist().inv_cdf(0.9) * rewards.mean(dim=1).std().item() / 2  # 4 prompts
+    assert terms.tolist() == pytest.approx([z_se])
+    assert moved.squeeze(-1) == pytest.approx(rewards - 0.5 - 0.05 - z_se)
+    assert samples(target).slack.squeeze(-1) == pytest.approx(rewards - 0.5)  # records judge b itself
+    lam = torch.tensor([0.7])
+    assert torch.allclose(tilted_weights(lam, rewards, moved, 0.1), tilted_weights(lam, rewards, same, 0.1))

@@ -76,6 +76,38 @@ def test_every_iterate_is_recorded_and_the_multipliers_follow_the_dual_step(tmp_
         caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, beta=0.25))
 
 
+def test_a_confidence_target_tightens_the_one_shot_dual_and_every_dual_step(tmp_path):
+    """With ``confidence`` the dual math aims at the bound moved in by z * s.e. of each pass: the one-shot lambda is
+    the plain one-shot dual's at that target, every dual step follows the target's slack, and the records keep the
+    slack against the bound itself with the target beside it. A run resumes only with the same target."""
+    from statistics import NormalDist
+
+    from l3m.alignment.dual import solve_one_shot_dual
+
+    tokenizer = build_tokenizer()
+    target = {**SHORT, "confidence": 0.6}
+    args = config(tmp_path, constraints=[target])
+    records = caid.run_caid(build_model(tokenizer), tokenizer, prompts(), args)
+    z = NormalDist().inv_cdf(0.6)
+    for record in records:
+        c = record["constraints"]["short"]
+        term = z * c["reward"]["se"]  # the length's s.e. over prompt means: the slack's, for a max bound
+        assert c["confidence_term"] == pytest.approx(term) and term > 0
+        assert c["target"] == pytest.approx(4 - term) and c["slack"]["mean"] == pytest.approx(4 - c["reward"]["mean"])
+        if record["multipliers"] is not None:
+            lam = record["multipliers"]["short"]
+            assert record["next_multipliers"]["short"] == pytest.approx(
+                min(20.0, max(0.0, lam - 0.5 * (c["slack"]["mean"] - term))))
+    reference = caid.Samples.load(os.path.join(args.output_dir, "iteration-0", "samples.jsonl"))
+    term = records[0]["constraints"]["short"]["confidence_term"]
+    at_target = solve_one_shot_dual(reference.objective, reference.slack - term, [0.0], 0.5, lam_max=20.0)
+    plain = solve_one_shot_dual(reference.objective, reference.slack, [0.0], 0.5, lam_max=20.0)
+    assert records[0]["next_multipliers"]["short"] == pytest.approx(at_target.lam.item(), abs=1e-6)
+    assert at_target.lam.item() > plain.lam.item() + 1e-3 and not at_target.at_cap[0]
+    with pytest.raises(L3MConfigError, match=r"output_dir: .* holds a CAID run with constraints="):
+        caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, constraints=[SHORT]))
+
+
 @pytest.mark.parametrize("pairs_from", ["reference", "latest"])
 def test_each_policy_step_pairs_the_responses_pairs_from_names(tmp_path, monkeypatch, pairs_from):
     """'reference': every DPO step is on pi_ref's responses (also after a resume); 'latest': on the previous
@@ -119,7 +151,7 @@ def test_with_lora_each_policy_step_is_a_fresh_adapter_and_the_base_model_is_giv
     (dict(loss_type="ipo"), r"^loss_type: must be 'sigmoid'"),
     (dict(num_generations=1), r"^num_generations: must be >= 2"),
     (dict(pairs_from="policy"), r"^pairs_from: must be 'reference' or 'latest'"),
-    (dict(constraints=[{**SHORT, "margin": 1}]), r"^constraints\[short\]: margin and confidence are training targets"),
+    (dict(constraints=[{**SHORT, "confidence": 1.5}]), r"^constraints\[short\]\.confidence: must be in \[0\.5, 1\)"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(L3MConfigError, match=message) as error:

@@ -71,16 +71,18 @@ def test_the_alignment_experiment_runs_quick_on_the_tiny_model(assets, tmp_path,
     assert "iteration 0 | pi_ref" in printed and "iteration 2 | lambda" in printed and "Total time" in printed
 
 
-def test_methods_runs_only_the_methods_asked_for(assets, tmp_path, monkeypatch):
+def test_methods_runs_only_the_methods_asked_for_with_their_satisfaction_target(assets, tmp_path, monkeypatch):
     import l3m.rewards.standin
 
     monkeypatch.setattr(l3m.rewards.standin, "civility_scores", word_variety)
     out = tmp_path / "align"
     assert main(["align-experiment", "--quick", "--model_name_or_path", assets["model"], "--dataset_name",
-                 assets["data"], "--output_dir", str(out), "--threshold_offsets", "0.1", "--methods", "mm"]) == 0
+                 assets["data"], "--output_dir", str(out), "--threshold_offsets", "0.1", "--methods", "mm",
+                 "--confidence", "0.9"]) == 0
     results = json.load(open(out / "results.json"))
     assert results["complete"] and results["caid"] == []
     assert [r["label"] for r in results["runs"]] == ["initial", "mm (dual ascent)"]
+    assert all("constraints/harmless/confidence_term" in step for step in results["runs"][1]["history"])
     assert sorted(os.listdir(out)) == ["alignment.png", "mm__dual_ascent_b1", "results.json", "table.txt"]
 
 
@@ -93,6 +95,7 @@ def test_methods_runs_only_the_methods_asked_for(assets, tmp_path, monkeypatch):
     ("", ["--dpo_epochs", "0"], "dpo_epochs: expected an integer >= 1, got 0"),
     ("", ["--methods", "caid,mm"], "methods: expected a list of caid, l3m, mm, got ['caid,mm']"),
     ("", ["--pairs_from", "policy"], "pairs_from: expected 'reference' or 'latest', got 'policy'"),
+    ("", ["--confidence", "1"], "confidence: expected a probability in [0.5, 1) (e.g. 0.9) or none, got 1.0"),
     ("", ["--num_generations", "3"], "per_device_train_batch_size: GRPO's 8 completions per step must be whole "
                                      "groups of num_generations=3"),
 ])

@@ -15,6 +15,14 @@ r"""CAID, the iterative dual loop (Zhang et al. 2025, arXiv 2505.19387), as one 
      estimates the KL;
    - one projected dual step (E5): :math:`\lambda_t = \max(0, \lambda_{t-1} - \eta(\hat{\mathbb{E}}_{\pi_t}[g] - b))`.
 
+**Satisfaction target.** A constraint with a ``margin`` or a ``confidence`` (l3m's constraint fields, as in training)
+puts room between the training estimate and its bound: the one-shot dual and every dual step take the slack against
+:math:`b_i` moved inward by the margin and by :math:`z \cdot` s.e. of that pass's estimate
+(:meth:`l3m.alignment.samples.Samples.training_slack`). Held-out prompts score lower than the training prompts that
+set :math:`\lambda` (docs/alignment.md); the target is how a run asks for room. The pairs are unchanged by it (a
+constant shift of :math:`g` cancels within a prompt); records report the slack against :math:`b_i` itself, and the
+target and confidence term beside it.
+
 Every policy step starts from :math:`\pi_\mathrm{ref}` (a copy, or a fresh LoRA adapter on it): its target
 :math:`\pi_{\lambda}` depends on :math:`\lambda` only, and TRL's reference is :math:`\pi_\mathrm{ref}` only for a fresh
 adapter (:mod:`l3m.alignment.policy`).
@@ -88,7 +96,8 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
             _check_reference_samples(reference_samples, len(prompts.ids), args.num_generations)
             samples = reference_samples.with_bounds(bounds)
         seconds = {"policy_step": 0.0, "sampling": time.time() - started}
-        solution = solve_one_shot_dual(samples.objective, samples.slack, zeros, args.beta, lam_max=args.multiplier_max)
+        solution = solve_one_shot_dual(samples.objective, samples.training_slack(bounds)[0], zeros, args.beta,
+                                       lam_max=args.multiplier_max)
         _warn_about(solution, names)
         record = {**_record(0, None, samples, bounds, args.beta, solution.lam),
                   "one_shot": _one_shot_record(solution, samples, names, args.beta), "seconds": seconds}
@@ -114,7 +123,8 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
         torch.manual_seed(args.seed + t)
         samples = sample_and_score(policy, **sample, description=f"Sampling pi_{t}",
                                    log_ratio=lambda c: sequence_logps(policy, c) - reference_logps(c))
-        next_lam = dual_step(lam, samples.slack.mean(dim=(0, 1)), zeros, args.dual_lr, args.multiplier_max)
+        next_lam = dual_step(lam, samples.training_slack(bounds)[0].mean(dim=(0, 1)), zeros, args.dual_lr,
+                             args.multiplier_max)
         record = {**_record(t, lam, samples, bounds, args.beta, next_lam),
                   "seconds": {**seconds, "sampling": time.time() - started}}
         state = {**state, "completed": t, "records": [*state["records"], record]}
@@ -155,7 +165,9 @@ def _path(output_dir: str, iteration: int, name: str) -> str:
 def _settings(args: CAIDConfig, bounds, num_prompts: int) -> dict:
     """What defines the problem and its samples: a run resumes only with the same values."""
     reward = args.reward if isinstance(args.reward, (str, dict)) else getattr(args.reward, "__name__", "callable")
-    return {"reward": reward, "constraints": [[b.name, b.constraint.kind, b.sign, b.threshold] for b in bounds],
+    targets = [[b.name, b.constraint.kind, b.sign, b.threshold]
+               + ([b.constraint.margin, b.constraint.confidence] if _has_target(b) else []) for b in bounds]
+    return {"reward": reward, "constraints": targets,
             "beta": args.beta, "num_prompts": num_prompts, "num_generations": args.num_generations,
             "max_completion_length": args.max_completion_length, "temperature": args.temperature,
             "top_p": args.top_p, "seed": args.seed}
@@ -187,10 +199,13 @@ def _record(t: int, lam: torch.Tensor | None, samples: Samples, bounds, beta: fl
     names = [bound.name for bound in bounds]
     objective, kl = mean_and_se(samples.objective), mean_and_se(samples.log_ratio)
     constraints = {}
+    terms = samples.training_slack(bounds)[1]
     for i, bound in enumerate(bounds):
         slack = mean_and_se(samples.slack[..., i])
         constraints[bound.name] = {"reward": mean_and_se(samples.rewards[bound.constraint.name]), "slack": slack,
                                    "met": slack["mean"] >= 0}
+        if _has_target(bound):
+            constraints[bound.name].update(target=bound.target(terms[i].item()), confidence_term=terms[i].item())
     return {"iteration": t, "policy": "reference" if t == 0 else f"iteration-{t}/model",
             "multipliers": None if lam is None else dict(zip(names, lam.tolist())),
             "objective": objective, "kl": kl, "kl_regularized_objective": objective["mean"] - beta * kl["mean"],
@@ -205,7 +220,12 @@ def _one_shot_record(solution: DualSolution, samples: Samples, names: list[str],
     return {"converged": solution.converged, "kkt_residual": solution.kkt_residual,
             "iterations": solution.iterations, "at_cap": dict(zip(names, solution.at_cap)),
             "predicted_objective": tilted_mean(weights, samples.objective).item(), "predicted_kl": kl,
-            "predicted_slack": dict(zip(names, solution.gradient.tolist()))}
+            "predicted_slack": dict(zip(names, tilted_mean(weights, samples.slack).tolist()))}
+
+
+def _has_target(bound) -> bool:
+    """Whether the bound's constraint sets a satisfaction target (a margin or a confidence) for the dual math."""
+    return bool(bound.constraint.margin) or bound.constraint.confidence is not None
 
 
 def _warn_about(solution: DualSolution, names: list[str]) -> None:

@@ -51,7 +51,8 @@ class CAIDConfig(DPOConfig):
     constraints: list[dict] | str | None = field(
         default=None,
         metadata={"help": "Constraint records, e.g. [{name: safe, reward: 'mymod:safety', min: 0.5}]: E[g_i] >= b_i "
-                          "(any l3m constraint kind; a range is two). On the command line: a YAML/JSON string."},
+                          "(any l3m constraint kind; a range is two; margin and confidence set a satisfaction target "
+                          "for the dual steps). On the command line: a YAML/JSON string."},
     )
     outer_iterations: int = field(
         default=3,
@@ -101,9 +102,6 @@ class CAIDConfig(DPOConfig):
         self.parsed_constraints = parse_constraints(self.constraints)
         _check(bool(self.parsed_constraints), "constraints", "required: at least one constraint record, e.g. "
                                                              "[{reward: length_tokens, max: 40}]")
-        for c in self.parsed_constraints:
-            _check(not c.margin and c.confidence is None, f"constraints[{c.name}]", "margin and confidence are "
-                   "training targets of l3m train and l3m grpo, not used by l3m align; move min/max instead")
         _check(isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0, "beta",
                f"must be > 0 (the KL weight of the problem and of DPO), got {self.beta}")
         _check(self.outer_iterations >= 0, "outer_iterations", f"must be >= 0, got {self.outer_iterations}")

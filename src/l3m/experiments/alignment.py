@@ -100,6 +100,9 @@ class AlignmentSettings(RunSettings):
         "help": "mm's dual ascent, lambda <- max(0, lambda + mm_dual_lr * (b - mean civility)) every GRPO step."})
     test_size: int = field(default=32, metadata={"help": "Held-out prompts every model is evaluated on."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Token cap of held-out responses."})
+    confidence: float | None = field(default=None, metadata={
+        "help": "Satisfaction target of every method's civility constraint, e.g. 0.9: CAID's dual steps and the GRPO "
+                "arms' steps aim at b + z * s.e. of their own estimate (docs/alignment.md); evaluation judges b."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
         "help": "Methods run at each threshold: caid (CAID, whose first iterate is CAN), l3m (the barrier on GRPO), "
                 "mm (dual ascent on GRPO); e.g. --methods caid to rerun CAID alone."})
@@ -117,6 +120,9 @@ class AlignmentSettings(RunSettings):
             raise L3MConfigError(f"pairs_from: expected 'reference' or 'latest', got {self.pairs_from!r}")
         if not self.methods or any(m not in METHODS for m in self.methods):
             raise L3MConfigError(f"methods: expected a list of {', '.join(METHODS)}, got {self.methods!r}")
+        if self.confidence is not None and not 0.5 <= self.confidence < 1:
+            raise L3MConfigError(f"confidence: expected a probability in [0.5, 1) (e.g. 0.9) or none, got "
+                                 f"{self.confidence}")
         if self.outer_iterations < 1:
             raise L3MConfigError(f"outer_iterations: expected K >= 1 (CAN is K = 1), got {self.outer_iterations}")
         if not math.isfinite(self.beta) or self.beta <= 0:
@@ -187,12 +193,17 @@ def experiment_prompts(settings: AlignmentSettings, tokenizer):
     return train, test, QuestionRelevance(questions)
 
 
+def civility_constraint(settings: AlignmentSettings, threshold: float) -> dict:
+    """Every method's constraint, ``E[civility] >= threshold``, with the settings' satisfaction target."""
+    return {"name": NAME, "reward": "civility", "min": threshold, "confidence": settings.confidence}
+
+
 def caid_config(settings: AlignmentSettings, threshold: float, output_dir: str, objective):
     """The :class:`l3m.alignment.CAIDConfig` of CAID at threshold ``b``: full-weight DPO steps of ``dpo_epochs``."""
     from l3m.alignment import CAIDConfig
 
     return CAIDConfig(
-        output_dir=output_dir, reward=objective, constraints=[{"name": NAME, "reward": "civility", "min": threshold}],
+        output_dir=output_dir, reward=objective, constraints=[civility_constraint(settings, threshold)],
         beta=settings.beta, outer_iterations=settings.outer_iterations, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=1.0, top_p=1.0, generation_batch_size=8,
         dual_lr=settings.dual_lr, pairs_from=settings.pairs_from, learning_rate=settings.learning_rate,
@@ -214,7 +225,7 @@ def grpo_arm(settings: AlignmentSettings, solver: str, threshold: float, output_
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=settings.model_name_or_path))
     args = settings.grpo_args(output_dir, steps, reward="relevance",
-                              constraints=[{"name": NAME, "reward": "civility", "min": threshold}], solver=solver,
+                              constraints=[civility_constraint(settings, threshold)], solver=solver,
                               multiplier_init=0.0, dual_lr=settings.mm_dual_lr)
     trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     started = time.time()
