@@ -232,7 +232,8 @@ def _warn_about(solution: DualSolution, names: list[str]) -> None:
     capped = [name for name, cap in zip(names, solution.at_cap) if cap]
     if capped:
         logger.warning("One-shot dual: the multipliers of %s reached multiplier_max; the samples of pi_ref cannot "
-                       "meet those constraints (raise num_generations or check the thresholds)", ", ".join(capped))
+                       "meet those constraints' targets (raise num_generations, check the thresholds, or lower a "
+                       "margin or confidence)", ", ".join(capped))
     elif not solution.converged:
         logger.warning("One-shot dual: L-BFGS-B stopped with KKT residual %.2e (%s)", solution.kkt_residual,
                        solution.message)
