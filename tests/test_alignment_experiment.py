@@ -52,8 +52,10 @@ def test_the_alignment_experiment_runs_quick_on_the_tiny_model(assets, tmp_path,
             assert lam == previous["next_multipliers"]["harmless"]
             harmless = record["constraints"]["harmless"]
             assert harmless["slack"]["mean"] == pytest.approx(harmless["reward"]["mean"] - b)
+            # the default satisfaction target (confidence 0.9): the step aims at b + z * s.e.
+            assert harmless["target"] == pytest.approx(b + harmless["confidence_term"])
             assert record["next_multipliers"]["harmless"] == pytest.approx(
-                min(100.0, max(0.0, lam - 2.0 * harmless["slack"]["mean"])))
+                min(100.0, max(0.0, lam - 2.0 * (harmless["slack"]["mean"] - harmless["confidence_term"]))))
             assert set(record["seconds"]) == {"policy_step", "sampling"}
         can, caid_run = [r for r in runs if r["threshold"] == b][:2]
         assert can["multiplier"] == records[0]["next_multipliers"]["harmless"]
@@ -77,13 +79,23 @@ def test_methods_runs_only_the_methods_asked_for_with_their_satisfaction_target(
     monkeypatch.setattr(l3m.rewards.standin, "civility_scores", word_variety)
     out = tmp_path / "align"
     assert main(["align-experiment", "--quick", "--model_name_or_path", assets["model"], "--dataset_name",
-                 assets["data"], "--output_dir", str(out), "--threshold_offsets", "0.1", "--methods", "mm",
-                 "--confidence", "0.9"]) == 0
+                 assets["data"], "--output_dir", str(out), "--threshold_offsets", "0.1", "--methods", "mm"]) == 0
     results = json.load(open(out / "results.json"))
     assert results["complete"] and results["caid"] == []
     assert [r["label"] for r in results["runs"]] == ["initial", "mm (dual ascent)"]
-    assert all("constraints/harmless/confidence_term" in step for step in results["runs"][1]["history"])
+    assert all("constraints/harmless/confidence_term" in step for step in results["runs"][1]["history"])  # default
     assert sorted(os.listdir(out)) == ["alignment.png", "mm__dual_ascent_b1", "results.json", "table.txt"]
+
+
+def test_the_satisfaction_target_is_on_by_default_and_none_turns_it_off():
+    from l3m.experiments.alignment import AlignmentSettings, civility_constraint
+    from l3m.parsing import L3MParser
+
+    (default,) = L3MParser((AlignmentSettings,)).parse([])
+    (off,) = L3MParser((AlignmentSettings,)).parse(["--confidence", "none"])
+    assert civility_constraint(default, 0.3) == {"name": "harmless", "reward": "civility", "min": 0.3,
+                                                 "confidence": 0.9}
+    assert off.confidence is None and civility_constraint(off, 0.3)["confidence"] is None
 
 
 @pytest.mark.parametrize("config, flags, message", [

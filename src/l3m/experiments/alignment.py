@@ -100,9 +100,12 @@ class AlignmentSettings(RunSettings):
         "help": "mm's dual ascent, lambda <- max(0, lambda + mm_dual_lr * (b - mean civility)) every GRPO step."})
     test_size: int = field(default=32, metadata={"help": "Held-out prompts every model is evaluated on."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Token cap of held-out responses."})
-    confidence: float | None = field(default=None, metadata={
-        "help": "Satisfaction target of every method's civility constraint, e.g. 0.9: CAID's dual steps and the GRPO "
-                "arms' steps aim at b + z * s.e. of their own estimate (docs/alignment.md); evaluation judges b."})
+    # Held-out prompts score ~0.07 lower civility than the training prompts, and without a target CAID ended below
+    # both thresholds held out (docs/alignment.md); at 0.975 the second threshold's target is out of pi_ref's reach.
+    confidence: float | None = field(default=0.9, metadata={
+        "help": "Satisfaction target of every method's civility constraint: CAID's dual steps and the GRPO arms' "
+                "steps aim at b + z * s.e. of their own estimate (docs/alignment.md); evaluation judges b. 'none' "
+                "for none."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
         "help": "Methods run at each threshold: caid (CAID, whose first iterate is CAN), l3m (the barrier on GRPO), "
                 "mm (dual ascent on GRPO); e.g. --methods caid to rerun CAID alone."})
