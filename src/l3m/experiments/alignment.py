@@ -18,6 +18,9 @@ user turn of chatterbot conversations, after the system turn ``system_prompt`` (
      ``relevance`` under ``{name: harmless, reward: civility, min: b}``, GRPO's ``beta=0`` (no KL term, unlike
      DPO's), all weights trained, as ``l3m grpo-experiment`` builds its arms.
 
+   Every method's constraint carries the satisfaction target ``confidence`` (default 0.9): training aims at
+   ``b + z * s.e.`` of its own estimate; evaluation judges ``b``.
+
 3. Every model (and the initial one) is evaluated on the same held-out prompts, one response each: relevance and
    civility (mean ± s.e.), whether the constraint is met (mean >= b) or within one s.e. of it, and the exact KL to
    the initial model (:func:`l3m.evaluation.evaluate_model`). ``results.json`` is rewritten after each run; the table
