@@ -152,6 +152,11 @@ class Constraint:
                 raise L3MConfigError(f"{where}.confidence: must be in [0.5, 1) (e.g. 0.9), got {self.confidence:g}")
 
     @property
+    def has_target(self) -> bool:
+        """Whether training aims inside the bounds (a ``margin`` or a ``confidence``) rather than at them."""
+        return bool(self.margin) or self.confidence is not None
+
+    @property
     def z(self) -> float:
         """The standard normal quantile of ``confidence`` (0 without one)."""
         return 0.0 if self.confidence is None else NormalDist().inv_cdf(self.confidence)
@@ -342,7 +347,7 @@ def target_metrics(bound: Bound, confidence_term: float) -> dict[str, float]:
     confidence) and ``constraints/<name>/confidence_term`` (``z * s.e.`` in units of ``C``, with a confidence)."""
     c = bound.constraint
     metrics = {}
-    if c.margin or c.confidence is not None:
+    if c.has_target:
         metrics[f"constraints/{bound.name}/target"] = bound.target(confidence_term)
     if c.confidence is not None:
         metrics[f"constraints/{bound.name}/confidence_term"] = confidence_term

@@ -96,10 +96,10 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
             _check_reference_samples(reference_samples, len(prompts.ids), args.num_generations)
             samples = reference_samples.with_bounds(bounds)
         seconds = {"policy_step": 0.0, "sampling": time.time() - started}
-        solution = solve_one_shot_dual(samples.objective, samples.training_slack(bounds)[0], zeros, args.beta,
-                                       lam_max=args.multiplier_max)
+        slack, terms = samples.training_slack(bounds)
+        solution = solve_one_shot_dual(samples.objective, slack, zeros, args.beta, lam_max=args.multiplier_max)
         _warn_about(solution, names)
-        record = {**_record(0, None, samples, bounds, args.beta, solution.lam),
+        record = {**_record(0, None, samples, bounds, terms, args.beta, solution.lam),
                   "one_shot": _one_shot_record(solution, samples, names, args.beta), "seconds": seconds}
         state = {"settings": _settings(args, bounds, len(prompts.ids)), "completed": 0, "records": [record]}
         _save(args.output_dir, 0, samples, state)
@@ -123,9 +123,9 @@ def run_caid(model, tokenizer, train_dataset, args: CAIDConfig, peft_config=None
         torch.manual_seed(args.seed + t)
         samples = sample_and_score(policy, **sample, description=f"Sampling pi_{t}",
                                    log_ratio=lambda c: sequence_logps(policy, c) - reference_logps(c))
-        next_lam = dual_step(lam, samples.training_slack(bounds)[0].mean(dim=(0, 1)), zeros, args.dual_lr,
-                             args.multiplier_max)
-        record = {**_record(t, lam, samples, bounds, args.beta, next_lam),
+        slack, terms = samples.training_slack(bounds)
+        next_lam = dual_step(lam, slack.mean(dim=(0, 1)), zeros, args.dual_lr, args.multiplier_max)
+        record = {**_record(t, lam, samples, bounds, terms, args.beta, next_lam),
                   "seconds": {**seconds, "sampling": time.time() - started}}
         state = {**state, "completed": t, "records": [*state["records"], record]}
         with atomic_path(_path(args.output_dir, t, "model"), directory=True) as staging:
@@ -166,7 +166,7 @@ def _settings(args: CAIDConfig, bounds, num_prompts: int) -> dict:
     """What defines the problem and its samples: a run resumes only with the same values."""
     reward = args.reward if isinstance(args.reward, (str, dict)) else getattr(args.reward, "__name__", "callable")
     targets = [[b.name, b.constraint.kind, b.sign, b.threshold]
-               + ([b.constraint.margin, b.constraint.confidence] if _has_target(b) else []) for b in bounds]
+               + ([b.constraint.margin, b.constraint.confidence] if b.constraint.has_target else []) for b in bounds]
     return {"reward": reward, "constraints": targets,
             "beta": args.beta, "num_prompts": num_prompts, "num_generations": args.num_generations,
             "max_completion_length": args.max_completion_length, "temperature": args.temperature,
@@ -195,16 +195,17 @@ def _save(output_dir: str, iteration: int, samples: Samples, state: dict) -> Non
     write_json(os.path.join(output_dir, STATE_NAME), state)
 
 
-def _record(t: int, lam: torch.Tensor | None, samples: Samples, bounds, beta: float, next_lam: torch.Tensor) -> dict:
+def _record(t: int, lam: torch.Tensor | None, samples: Samples, bounds, terms: torch.Tensor, beta: float,
+            next_lam: torch.Tensor) -> dict:
+    """The iterate's record; ``terms`` are the confidence terms of its pass (:meth:`Samples.training_slack`)."""
     names = [bound.name for bound in bounds]
     objective, kl = mean_and_se(samples.objective), mean_and_se(samples.log_ratio)
     constraints = {}
-    terms = samples.training_slack(bounds)[1]
     for i, bound in enumerate(bounds):
         slack = mean_and_se(samples.slack[..., i])
         constraints[bound.name] = {"reward": mean_and_se(samples.rewards[bound.constraint.name]), "slack": slack,
                                    "met": slack["mean"] >= 0}
-        if _has_target(bound):
+        if bound.constraint.has_target:
             constraints[bound.name].update(target=bound.target(terms[i].item()), confidence_term=terms[i].item())
     return {"iteration": t, "policy": "reference" if t == 0 else f"iteration-{t}/model",
             "multipliers": None if lam is None else dict(zip(names, lam.tolist())),
@@ -221,11 +222,6 @@ def _one_shot_record(solution: DualSolution, samples: Samples, names: list[str],
             "iterations": solution.iterations, "at_cap": dict(zip(names, solution.at_cap)),
             "predicted_objective": tilted_mean(weights, samples.objective).item(), "predicted_kl": kl,
             "predicted_slack": dict(zip(names, tilted_mean(weights, samples.slack).tolist()))}
-
-
-def _has_target(bound) -> bool:
-    """Whether the bound's constraint sets a satisfaction target (a margin or a confidence) for the dual math."""
-    return bool(bound.constraint.margin) or bound.constraint.confidence is not None
 
 
 def _warn_about(solution: DualSolution, names: list[str]) -> None:
