@@ -17,13 +17,17 @@ Generation's limit. One decoding step of ``R`` rows reads every weight once (``W
 output matrix once) and does ``2 * P * R`` FLOPs (``P`` parameters). Its fastest possible time is the roofline
 ``max(W / bandwidth, 2 P R / peak)``, with ``bandwidth`` the measured read bandwidth of a 512 MiB float32 tensor
 (``tensor.sum()``, best of 5) and ``peak`` the best ``torch.matmul`` rate on 2048x2048 float32 matrices (best of 10), both
-at the thread count the demo uses; ``--compare`` judges both runs against the better of their two measurements. The bandwidth-only limit is ``W / bandwidth``. Reported: achieved time per
-decoding step (a sampling call's time over its number of decoding steps, prefill included) as a fraction of each.
+at the thread count the demo uses; ``--compare`` judges both runs against the better of their two measurements. The
+bandwidth-only limit is ``W / bandwidth``. ``R`` is the mean number of rows a decoding step runs (responses leave the
+batch at their EOS, so it is the tokens sampled over the decoding steps; code that ran every row at every step: the
+batch). Reported: achieved time per decoding step (a sampling call's time over its number of decoding steps, prefill
+included) as a fraction of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -81,7 +85,8 @@ class Timers:
         self.run = "setup"
         self.seconds = defaultdict(float)
         self.calls = defaultdict(int)
-        self.generation = defaultdict(lambda: {"seconds": 0.0, "decode_steps": 0, "rows": 0, "tokens": 0})
+        self.generation = defaultdict(lambda: {"seconds": 0.0, "decode_steps": 0, "rows": 0, "tokens": 0,
+                                               "row_steps": 0})
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[(self.run, name)] += seconds
@@ -100,7 +105,13 @@ def instrument(timers: Timers) -> None:
     """Wrap the functions the demo's trainer and evaluation call with timers (module attributes, so the callers'
     own imported names are replaced)."""
     import l3m.evaluation as evaluation
+    import l3m.sampling as sampling
     import l3m.training.trainer as trainer_module
+
+    # with l3m's own decoding loop (the one with ``synced``) a response leaves the decoding batch at its EOS:
+    # a decoding step runs the rows still going, so the rows it computes add up to the tokens sampled; before, every
+    # decoding step ran every row
+    drops_finished_rows = "synced" in inspect.signature(sampling.sample_completions).parameters
 
     def timed_sampler(kind, sample):
         def wrapper(*args, **kwargs):
@@ -111,7 +122,9 @@ def instrument(timers: Timers) -> None:
             record["seconds"] += seconds
             record["decode_steps"] += completions.completion_mask.shape[1]
             record["rows"] = max(record["rows"], completions.completion_mask.shape[0])
-            record["tokens"] += int(completions.completion_mask.sum())
+            tokens, steps = int(completions.completion_mask.sum()), completions.completion_mask.shape[1]
+            record["tokens"] += tokens
+            record["row_steps"] += tokens if drops_finished_rows else completions.completion_mask.shape[0] * steps
             timers.add(f"{kind} sampling", seconds)
             return completions
         return wrapper
@@ -176,9 +189,10 @@ def run(args) -> dict:
     for (name, kind), record in timers.generation.items():
         per_step = record["seconds"] / max(record["decode_steps"], 1)
         bandwidth_limit = weight_bytes / (limits["read_bandwidth_gbs"] * 1e9)
-        compute_limit = 2 * params * record["rows"] / (limits["matmul_peak_gflops"] * 1e9)
+        mean_rows = record["row_steps"] / max(record["decode_steps"], 1)
+        compute_limit = 2 * params * mean_rows / (limits["matmul_peak_gflops"] * 1e9)
         generation[f"{name} / {kind}"] = {
-            **record, "seconds_per_decode_step": per_step, "bandwidth_limit_s": bandwidth_limit,
+            **record, "mean_rows": mean_rows, "seconds_per_decode_step": per_step, "bandwidth_limit_s": bandwidth_limit,
             "roofline_s": max(bandwidth_limit, compute_limit), "of_bandwidth_limit": bandwidth_limit / per_step,
             "of_roofline": max(bandwidth_limit, compute_limit) / per_step}
     return {"commit": git_commit(os.path.dirname(os.path.dirname(os.path.abspath(l3m.__file__)))),
@@ -209,12 +223,13 @@ def generation_table(result: dict, machine: dict | None = None) -> str:
     """Generation against the roofline of ``machine`` (default: the limits measured in ``result``'s own run)."""
     m = machine or result["machine"]
     bandwidth_limit = result["weight_bytes"] / (m["read_bandwidth_gbs"] * 1e9)
-    lines = [f"{'generation':<34}{'rows':>5}{'ms/decode step':>16}{'bandwidth limit':>17}{'roofline':>10}"
+    lines = [f"{'generation':<34}{'rows':>6}{'ms/decode step':>16}{'bandwidth limit':>17}{'roofline':>10}"
              f"{'of bandwidth':>14}{'of roofline':>13}"]
     for key, g in result["generation"].items():
         per_step = g["seconds_per_decode_step"]
-        roofline = max(bandwidth_limit, 2 * result["model_params"] * g["rows"] / (m["matmul_peak_gflops"] * 1e9))
-        lines.append(f"{key:<34}{g['rows']:>5}{1e3 * per_step:>16.1f}{1e3 * bandwidth_limit:>14.1f} ms"
+        rows = g.get("mean_rows", g["rows"])  # runs before mean_rows was recorded ran every row at every step
+        roofline = max(bandwidth_limit, 2 * result["model_params"] * rows / (m["matmul_peak_gflops"] * 1e9))
+        lines.append(f"{key:<34}{rows:>6.1f}{1e3 * per_step:>16.1f}{1e3 * bandwidth_limit:>14.1f} ms"
                      f"{1e3 * roofline:>7.1f} ms{100 * bandwidth_limit / per_step:>13.0f}%"
                      f"{100 * roofline / per_step:>12.0f}%")
     lines.append(f"({m['cpu']}, {m['threads']} threads, {m['cpu_capability']}: read bandwidth "

@@ -85,15 +85,15 @@ def test_a_confidence_target_tightens_the_one_shot_dual_and_every_dual_step(tmp_
     from l3m.alignment.dual import solve_one_shot_dual
 
     tokenizer = build_tokenizer()
-    target = {**SHORT, "confidence": 0.6}
-    args = config(tmp_path, constraints=[target])
+    target = {**SHORT, "max": 7, "confidence": 0.6}  # 8 tokens at most: some responses end before the cap
+    args = config(tmp_path, constraints=[target], max_completion_length=8)
     records = caid.run_caid(build_model(tokenizer), tokenizer, prompts(), args)
     z = NormalDist().inv_cdf(0.6)
     for record in records:
         c = record["constraints"]["short"]
         term = z * c["reward"]["se"]  # the length's s.e. over prompt means: the slack's, for a max bound
         assert c["confidence_term"] == pytest.approx(term) and term > 0
-        assert c["target"] == pytest.approx(4 - term) and c["slack"]["mean"] == pytest.approx(4 - c["reward"]["mean"])
+        assert c["target"] == pytest.approx(7 - term) and c["slack"]["mean"] == pytest.approx(7 - c["reward"]["mean"])
         if record["multipliers"] is not None:
             lam = record["multipliers"]["short"]
             assert record["next_multipliers"]["short"] == pytest.approx(
@@ -105,7 +105,8 @@ def test_a_confidence_target_tightens_the_one_shot_dual_and_every_dual_step(tmp_
     assert records[0]["next_multipliers"]["short"] == pytest.approx(at_target.lam.item(), abs=1e-6)
     assert at_target.lam.item() > plain.lam.item() + 1e-3 and not at_target.at_cap[0]
     with pytest.raises(L3MConfigError, match=r"output_dir: .* holds a CAID run with constraints="):
-        caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, constraints=[SHORT]))
+        caid.run_caid(build_model(tokenizer), tokenizer, prompts(), config(tmp_path, constraints=[{**SHORT, "max": 7}],
+                                                                          max_completion_length=8))
 
 
 @pytest.mark.parametrize("pairs_from", ["reference", "latest"])

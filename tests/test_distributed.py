@@ -14,7 +14,7 @@ import torch
 
 import l3m
 from fixtures.tiny import build_model, build_tokenizer
-from l3m.training.distributed import check_launch
+from l3m.training.distributed import check_launch, shards_weights
 from l3m.errors import L3MConfigError
 from l3m.training.reinforce import reinforce_loss
 from l3m.sampling import Completions, completion_logps, response_nll
@@ -199,3 +199,18 @@ def test_fsdp_config_on_cpu_is_reported_as_ddp_once(clean_launch_env, caplog):
         check_launch(SimpleNamespace(world_size=2, use_cpu=True))
     lines = [r.getMessage() for r in caplog.records if r.name == "l3m.training.distributed"]
     assert len(lines) == 1 and "asks for FSDP, but with use_cpu accelerate does not shard" in lines[0]
+
+
+def test_only_weight_sharding_runs_every_decoding_step_on_every_process():
+    from accelerate.utils import DistributedType
+
+    def accelerator(kind, processes=2, zero_stage=None):
+        plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+        return SimpleNamespace(num_processes=processes, distributed_type=kind,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert shards_weights(accelerator(DistributedType.FSDP))
+    assert shards_weights(accelerator(DistributedType.DEEPSPEED, zero_stage=3))
+    assert not shards_weights(accelerator(DistributedType.DEEPSPEED, zero_stage=2))
+    assert not shards_weights(accelerator(DistributedType.MULTI_CPU))
+    assert not shards_weights(accelerator(DistributedType.FSDP, processes=1))

@@ -73,8 +73,9 @@ def _logps_before_temperature(model, completions):
     """completion_logps as it was before it scored at the sampling temperature (verbatim but for the names)."""
     num_logits = completions.completion_mask.shape[1]
     group, prompt_length = completions.group_size, completions.prompt_mask.shape[1]
+    rows = torch.arange(completions.sequences.shape[0]) // group
     shared = prompt_cache(model, completions.sequences[::group, :prompt_length], completions.prompt_mask[::group],
-                          group) if group > 1 else None
+                          rows) if group > 1 else None
     if shared is None:
         mask = completions.attention_mask
         logits = model(input_ids=completions.sequences, attention_mask=mask, position_ids=position_ids_from(mask),
@@ -225,8 +226,75 @@ def test_nucleus_sampler_draws_each_token_at_its_nucleus_probability_at_the_temp
     assert (expected == 0).sum() >= 2  # the test exercises truncation
     torch.manual_seed(0)
     draws = 40_000
-    scores = NucleusSampler(temperature, top_p)(None, logits.expand(draws, 6))
-    assert torch.isinf(scores).sum(dim=1).eq(5).all()  # one finite score per row: generate's argmax picks it
-    frequency = torch.bincount(scores.argmax(dim=1), minlength=6) / draws
+    tokens = NucleusSampler(temperature, top_p)(logits.expand(draws, 6), torch.rand(draws))
+    frequency = torch.bincount(tokens, minlength=6) / draws
     standard_error = (expected * (1 - expected) / draws).sqrt()
     assert torch.all((frequency - expected).abs() <= 4 * standard_error + 1e-9)
+
+
+def test_nucleus_sampler_takes_the_token_whose_cumulative_probability_passes_the_uniform():
+    from l3m.sampling import NucleusSampler
+
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4, 3)
+    tokens = NucleusSampler()(logits, torch.tensor([0.0, 0.49, 0.51, 0.999]))
+    assert tokens.tolist() == [0, 0, 1, 2]
+
+
+def test_finished_responses_leave_the_batch_without_changing_the_others():
+    """Rows that end are dropped from the decoding batch; ``synced`` keeps every row to ``max_new_tokens``. The same
+    seed gives the same responses either way, of different lengths, some stopped and some truncated."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    common = dict(stop_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, max_new_tokens=8,
+                  num_generations=4)
+    runs = []
+    for synced in (False, True):
+        torch.manual_seed(3)
+        runs.append(sample_completions(model, ids, mask, synced=synced, **common))
+    dropped, kept = runs
+    assert len({len(c) for c in dropped.completion_ids}) > 2
+    assert 0 < int(dropped.truncated.sum()) < len(dropped.truncated)
+    assert dropped.completion_ids == kept.completion_ids
+    assert torch.equal(dropped.truncated, kept.truncated)
+    length = dropped.completion_mask.shape[1]
+    assert torch.equal(dropped.completion_mask, kept.completion_mask[:, :length])
+    assert not kept.completion_mask[:, length:].any()
+
+
+def test_the_log_prob_pass_by_length_groups_gives_the_one_pass_logps_and_gradients():
+    """Responses of very different lengths go through the model in several groups, each padded to its own longest;
+    log-probs and gradients are those of one pass over every row padded to the longest response."""
+    from l3m.sampling import _completion_logps, length_groups
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(1)
+    completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
+                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=40)
+    lengths = completions.completion_mask.sum(dim=1)
+    groups = length_groups(lengths, torch.arange(len(lengths)) // 4, completions.prompt_mask[::4].sum(dim=1))
+    assert len(groups) > 1 and sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(groups, groups[1:]))
+    model.train()
+    results = []
+    for logps_of in (completion_logps, lambda m, c: _completion_logps(m, c, torch.arange(len(lengths)), 1.0)):
+        model.zero_grad()
+        logps = logps_of(model, completions)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (grouped, grouped_grads), (one_pass, one_pass_grads) = results
+    torch.testing.assert_close(grouped, one_pass, rtol=1e-5, atol=1e-5)
+    for name, grad in one_pass_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_groups_keep_equal_lengths_together_and_set_a_long_response_apart():
+    from l3m.sampling import length_groups
+
+    prompts, prompt_tokens = torch.arange(8) // 4, torch.tensor([30, 30])
+    assert [len(g) for g in length_groups(torch.full((8,), 5), prompts, prompt_tokens)] == [8]
+    lengths = torch.tensor([4, 5, 64, 3, 6, 4, 5, 2])
+    groups = length_groups(lengths, prompts, prompt_tokens)
+    assert groups[-1].tolist() == [2]  # the 64-token response alone; the others padded to 6, not 64

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 NUCLEUS_CANDIDATES = 256  # largest logits searched for the top-p nucleus first (then 16x as many, up to all)
+PASS_OVERHEAD_TOKENS = 16  # a log-prob pass's fixed cost, in tokens, when responses are grouped by length
 
 
 @dataclass
@@ -45,19 +45,20 @@ def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
-    """Run ``B`` prompts through ``model`` once and repeat each one's KV cache ``group_size`` times.
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor):
+    """Run ``B`` prompts through ``model`` once and give each of ``R`` rows the KV cache of its prompt.
 
-    Returns ``(cache, logits)``: the cache for ``B*G`` rows and ``(B*G, 1, V)`` logits of the token after each prompt,
-    or ``None`` when the model returned no cache (gradient checkpointing in training mode). Differentiable: the
-    log-prob pass backpropagates through the shared prompt once per prompt.
+    ``prompt_of_row`` ``(R,)`` holds each row's prompt index (``arange(B).repeat_interleave(G)`` for ``G`` samples of
+    every prompt). Returns ``(cache, logits)``: the cache for the ``R`` rows and ``(R, 1, V)`` logits of the token after
+    each row's prompt, or ``None`` when the model returned no cache (gradient checkpointing in training mode).
+    Differentiable: the log-prob pass backpropagates through each shared prompt once.
     """
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from(prompt_mask),
                 use_cache=True, logits_to_keep=1)
     if out.cache is None:
         return None
-    out.cache.batch_repeat_interleave(group_size)
-    return out.cache, out.logits.repeat_interleave(group_size, dim=0)
+    out.cache.batch_select_indices(prompt_of_row)
+    return out.cache, out.logits[prompt_of_row]
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -117,22 +118,21 @@ def _candidate_probs(logits: torch.Tensor, top_p: float, k: int) -> tuple[torch.
     return probs, ids
 
 
-class NucleusSampler(LogitsProcessor):
-    """Draws the next token from :func:`nucleus` of ``softmax(logits / temperature)`` and returns scores that are
-    ``-inf`` everywhere but at the drawn token, so that ``generate`` in greedy mode (``do_sample=False``) picks it.
-
-    This keeps ``generate``'s KV cache, stopping and padding while replacing its sampler, which sorts the whole
-    vocabulary and draws an exponential for every entry at every step. The draws use torch's global generator, like
-    ``generate``'s, but consume it differently: the same seed gives different (equally distributed) samples.
+class NucleusSampler:
+    """Draws tokens from :func:`nucleus` of ``softmax(logits / temperature)`` by inverse transform sampling: row
+    ``n`` takes the first token whose cumulative nucleus probability exceeds ``uniforms[n]`` (one uniform number per
+    row, drawn by the caller), so a row's token depends on its own logits and uniform only.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs, ids = nucleus(scores.float() / self.temperature, self.top_p, self.top_k)
-        tokens = ids.gather(1, torch.multinomial(probs, num_samples=1))
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+    def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(N,)`` for logits ``(N, V)`` and uniforms ``(N,)`` in ``[0, 1)``."""
+        probs, ids = nucleus(logits.float() / self.temperature, self.top_p, self.top_k)
+        cumulative = probs.cumsum(dim=-1)
+        position = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1]).unsqueeze(1), right=True)
+        return ids.gather(1, position.clamp(max=ids.shape[1] - 1)).squeeze(1)
 
 
 @torch.no_grad()
@@ -147,30 +147,31 @@ def sample_completions(
     temperature: float = 1.0,
     top_p: float = 0.9,
     top_k: int = 0,
+    synced: bool = False,
 ) -> Completions:
-    """Sample ``num_generations`` responses per prompt with ``model.generate`` (KV cache) and
-    :class:`NucleusSampler` (temperature, top-k, top-p).
+    """Sample ``num_generations`` responses per prompt from ``model`` with a KV cache and :class:`NucleusSampler`
+    (temperature, top-k, top-p), one token per forward pass.
 
-    The model is put in eval mode while generating (gradient checkpointing is a training-mode feature and
-    would disable the KV cache), and its previous mode is restored.
+    A response ends at its first stop token, and its row leaves the batch then (its KV cache rows are dropped), so
+    the decoding steps that follow run only the responses still going: a batch whose lengths differ, as a length
+    constraint's do, costs about the sum of its lengths rather than the longest one times the batch. Each decoding step
+    draws one uniform number for every response of the batch from torch's global generator, finished or not, so the
+    responses do not depend on when the others ended (``tests/test_sampling.py`` checks them against a run that keeps
+    every row to the end). With ``synced`` (several processes that must run the same forward passes, e.g. FSDP, which
+    gathers the weights in each) every row runs all ``max_new_tokens`` steps; the responses are the same.
+
+    The model is put in eval mode while generating (gradient checkpointing is a training-mode feature and would
+    disable the KV cache; dropout is off as in the log-prob pass), and its previous mode is restored.
     """
     was_training = model.training
     model.eval()
     try:
-        cache = None
-        if num_generations > 1 and prompt_ids.shape[1] > 1:
-            # all of each prompt but its last token, once per prompt; generate() then feeds only the last token
-            cache, _ = prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], num_generations)
-        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                  pad_token_id=pad_token_id, use_cache=True)
-        sampler = NucleusSampler(temperature=temperature, top_p=top_p, top_k=top_k)
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache,
-                                   generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        completion = _decode(model, prompt_ids, prompt_mask, stop_ids, pad_token_id, num_generations, max_new_tokens,
+                             NucleusSampler(temperature, top_p, top_k), synced)
     finally:
         model.train(was_training)
-    completion = sequences[:, prompt_ids.shape[1]:]
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    sequences = torch.cat([prompt_ids.repeat_interleave(num_generations, dim=0), completion], dim=1)
     is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
     has_stop = is_stop.any(dim=1)
     # index of the first stop token, or L when there is none
@@ -180,6 +181,44 @@ def sample_completions(
     completion_mask = (positions <= first_stop.unsqueeze(1)).long()
     completion_ids = [row[: int(n)].tolist() for row, n in zip(completion, first_stop)]
     return Completions(sequences, prompt_mask, completion_mask, completion_ids, ~has_stop, num_generations)
+
+
+def _decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stop_ids: list[int], pad_token_id: int,
+            group_size: int, max_new_tokens: int, sampler: NucleusSampler, synced: bool) -> torch.Tensor:
+    """The completion tokens ``(B*G, L)`` of :func:`sample_completions`, padded with ``pad_token_id`` after each
+    stop token; ``L`` is the longest response's length (at most ``max_new_tokens``)."""
+    device = prompt_ids.device
+    rows = prompt_ids.shape[0] * group_size
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    if group_size > 1 and prompt_ids.shape[1] > 1:  # all of each prompt but its last token, once per prompt
+        prompt_of_row = torch.arange(prompt_ids.shape[0], device=device).repeat_interleave(group_size)
+        cache, _ = prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], prompt_of_row)
+        inputs = prompt_ids[:, -1:].repeat_interleave(group_size, dim=0)
+    else:
+        cache, inputs = None, prompt_ids.repeat_interleave(group_size, dim=0)
+    stops = torch.tensor(stop_ids, device=device)
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
+    active = torch.arange(rows, device=device)  # the rows still in the batch, in batch order
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    length = 0
+    for length in range(1, max_new_tokens + 1):
+        out = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids_from(mask)[:, -inputs.shape[1]:],
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        uniforms = torch.rand(rows, device=device)[active]  # every row's number is drawn, so rows are independent
+        drawn = torch.where(finished[active], pad_token_id, sampler(out.logits[:, -1], uniforms))  # (synced only)
+        tokens[active, length - 1] = drawn
+        finished[active] = finished[active] | torch.isin(drawn, stops)
+        if not synced:
+            if bool(finished.all()):
+                break
+            if bool(finished[active].any()):
+                keep = (~finished[active]).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, mask, drawn = active[keep], mask[keep], drawn[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        inputs = drawn.unsqueeze(1)
+    return tokens[:, :length]
 
 
 @contextmanager
@@ -238,26 +277,66 @@ def completion_logps(model, completions: Completions, temperature: float = 1.0) 
 
     Scored as they were sampled (:func:`sample_completions`): at ``temperature`` (pass the sampling one) and with
     dropout off (:func:`dropout_off`); over the full vocabulary, i.e. top-p / top-k truncation is not renormalized.
+    The responses go through the model in groups of similar length (:func:`length_groups`), each padded only to its
+    own longest response, so one long response does not make every row of the batch pay for its length.
     """
+    lengths = completions.completion_mask.sum(dim=1)
+    prompt_of_row = torch.arange(len(lengths), device=lengths.device) // completions.group_size
+    prompt_tokens = completions.prompt_mask[::completions.group_size].sum(dim=1)
+    groups = length_groups(lengths, prompt_of_row, prompt_tokens)
     with dropout_off(model):
-        return _completion_logps(model, completions, temperature)
+        logps = torch.cat([_completion_logps(model, completions, rows, temperature) for rows in groups])
+    return logps[torch.cat(groups).argsort()]
 
 
-def _completion_logps(model, completions: Completions, temperature: float) -> torch.Tensor:
-    num_logits = completions.completion_mask.shape[1]
+def length_groups(lengths: torch.Tensor, prompt_of_row: torch.Tensor, prompt_tokens: torch.Tensor,
+                  pass_tokens: int = PASS_OVERHEAD_TOKENS) -> list[torch.Tensor]:
+    """Rows for the log-prob pass, grouped by response length: the split of the rows sorted by length into runs
+    that minimizes the tokens the passes compute, ``sum over groups of rows * longest length + the tokens of the
+    group's distinct prompts + pass_tokens`` (dynamic programming over the ``N`` sorted rows, ``O(N^2)``).
+
+    >>> [g.tolist() for g in length_groups(torch.tensor([3, 64, 2, 3]), torch.tensor([0, 0, 1, 1]), torch.tensor([10, 10]))]
+    [[2, 0, 3], [1]]
+    """
+    order = lengths.argsort(stable=True)
+    sorted_lengths, prompts = lengths[order].tolist(), prompt_of_row[order].tolist()
+    tokens_of = prompt_tokens.tolist()
+    best, start_of = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = (best[start] + (end - start) * sorted_lengths[end - 1] + pass_tokens
+                    + sum(tokens_of[p] for p in set(prompts[start:end])))
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[start_of[end]:end])
+        end = start_of[end]
+    return groups[::-1]
+
+
+def _completion_logps(model, completions: Completions, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`completion_logps` of the responses in ``rows``, padded to the longest of them."""
     group, prompt_length = completions.group_size, completions.prompt_mask.shape[1]
-    shared = prompt_cache(model, completions.sequences[::group, :prompt_length], completions.prompt_mask[::group],
-                          group) if group > 1 else None
+    completion_mask = completions.completion_mask[rows]
+    num_logits = int(completion_mask.sum(dim=1).max())
+    completion_mask = completion_mask[:, :num_logits]
+    sequences = completions.sequences[rows, :prompt_length + num_logits]
+    mask = torch.cat([completions.prompt_mask[rows], completion_mask], dim=1)
+    shared = None
+    if group > 1:
+        prompts, prompt_of_row = (rows // group).unique(return_inverse=True)
+        shared = prompt_cache(model, completions.sequences[prompts * group, :prompt_length],
+                              completions.prompt_mask[prompts * group], prompt_of_row)
     if shared is None:
-        logps = token_logps(model, completions.sequences, completions.attention_mask, num_logits, temperature)
-        return length_normalized_logps(logps, completions.completion_mask)
+        logps = token_logps(model, sequences, mask, num_logits, temperature)
+        return length_normalized_logps(logps, completion_mask)
     cache, first_logits = shared
-    mask = completions.attention_mask
-    targets = completions.sequences[:, prompt_length:]
+    targets = sequences[:, prompt_length:]
     logits = model(input_ids=targets, attention_mask=mask, position_ids=position_ids_from(mask)[:, prompt_length:],
                    cache=cache, use_cache=True, logits_to_keep=num_logits).logits
     logits = torch.cat([first_logits, logits[:, :-1]], dim=1)  # (N, L, V): the logits predicting each token
-    return length_normalized_logps(_scored(logits, targets, temperature), completions.completion_mask)
+    return length_normalized_logps(_scored(logits, targets, temperature), completion_mask)
 
 
 def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

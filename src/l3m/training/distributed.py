@@ -5,6 +5,7 @@
   that run, but not as asked, get one warning line each: ``accelerate launch --cpu --num_processes N`` without an MPI
   hostfile (one process is started, not N), and an FSDP accelerate config with ``use_cpu`` (accelerate trains DDP).
 - :func:`process_local_sampling`: responses are sampled with a different random stream on every process.
+- :func:`shards_weights`: under FSDP or ZeRO-3 every process runs all decoding steps (a forward gathers weights).
 
 The coin of Sec. 5.4 (:func:`l3m.training.coin.is_constraint_step`) is a pure function of the seed and the step, so it is
 the same on every process without communication; the trainer gathers the per-response constraint values of all
@@ -114,3 +115,16 @@ def process_local_sampling(accelerator) -> Iterator[None]:
         torch.manual_seed(seed + accelerator.process_index)
         yield
 
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether every forward pass gathers weights from all processes (FSDP, DeepSpeed ZeRO-3), so that all of them
+    must run the same number of decoding steps (:func:`l3m.sampling.sample_completions`'s ``synced``)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1:
+        return False
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3

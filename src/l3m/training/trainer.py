@@ -33,7 +33,7 @@ from l3m.sampling import completion_logps, eos_ids, response_nll, sample_complet
 from l3m.solvers import build_solver
 from l3m.training.batch_order import CoinSampler
 from l3m.training.coin import is_constraint_step
-from l3m.training.distributed import check_launch, process_local_sampling
+from l3m.training.distributed import check_launch, process_local_sampling, shards_weights
 from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradients, gradients_are_finite
 from l3m.training.reinforce import constraint_advantages, reinforce_loss
 from l3m.training.solver_state import SolverTrainerMixin
@@ -195,6 +195,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
                 temperature=args.temperature,
                 top_p=args.top_p,
                 top_k=args.top_k,
+                synced=shards_weights(self.accelerator),
             )
         prompts = [p for p in inputs["prompts"] for _ in range(args.num_generations)]
         texts = self.processing_class.batch_decode(completions.completion_ids, skip_special_tokens=True)
