@@ -19,7 +19,7 @@ def test_defaults_are_valid_and_follow_the_paper(tmp_path):
     assert (cfg.mu_init, cfg.mu_final, cfg.ema_smoothing, cfg.top_p) == (1.0, 1e-6, 0.1, 0.9)
     assert cfg.weight_decay == 0.1
     assert cfg.remove_unused_columns is False
-    assert cfg.reinforce_baseline == "leave_one_out"
+    assert cfg.reinforce_baseline == "leave_one_out_per_token"
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,9 @@ def test_length_constraint_is_satisfied_where_sft_is_not(tmp_path):
     l3m = _trainer(tmp_path / "l3m", constraints=[Constraint("length_tokens", min=low, max=high, name="length")])
     l3m.train()
     ema_min, ema_max = l3m.solver.ema.tolist()  # C = low - E|y| and E|y| - high
-    # the solution of an expectation constraint lies on its bound: the EMA ends on it (0.003 tokens above, with the
-    # sampler's draws since responses leave the decoding batch at their EOS), not 9 tokens above as at the start
-    assert ema_min <= 0.1 and ema_max <= 0.1, f"EMA of the constraint values still violated: {ema_min}, {ema_max}"
+    # an expectation constraint's solution lies on its bound: the EMA ends within half a token of it (0.37 tokens
+    # above with the default baseline), from about 4 tokens above at the start (the held-out mean below is inside)
+    assert ema_min <= 0.5 and ema_max <= 0.5, f"EMA of the constraint values still violated: {ema_min}, {ema_max}"
     l3m_length = _held_out_mean_length(l3m)
     assert low <= l3m_length <= high
 

@@ -149,8 +149,9 @@ class L3MConfig(SolverConfig, TrainingArguments):
         step rather than a constraint step (the fair coin of Sec. 5.4).
     step_schedule (`str`, defaults to `"alternate"`): how the two kinds are spread over the steps
         (:mod:`l3m.training.coin`): evenly at a seeded phase, or the paper's independent coin per step (``"coin"``).
-    reinforce_baseline (`str`, defaults to `"leave_one_out"`): control variate of the REINFORCE estimate of Eq. 12
-        (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates).
+    reinforce_baseline (`str`, defaults to `"leave_one_out_per_token"`): control variate of the REINFORCE estimate
+        of Eq. 12 (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates; chosen by
+        measurement on the demo, docs/solver.md).
 
     > Learned multipliers (solvers ``mm`` and ``lagged_dual``)
 
@@ -198,13 +199,12 @@ class L3MConfig(SolverConfig, TrainingArguments):
                           "without its streaks) or 'coin' (the paper's independent fair coin per step, Sec. 5.4)."},
     )
     reinforce_baseline: str = field(
-        default="leave_one_out",
-        metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out' (the mean violation "
-                          "of the other responses to the same prompt, or of the batch when num_generations is 1; "
-                          "lower variance, but with length-normalized log-likelihoods it shifts the expected "
-                          "gradient by a term in the response length), 'leave_one_out_per_token' (the same on the "
-                          "per-token violation c/|y|: keeps the paper's expectation) or 'none' (the paper's plain "
-                          "Monte-Carlo average)."},
+        default="leave_one_out_per_token",
+        metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out_per_token' (the mean "
+                          "per-token violation c/|y| of the other responses to the same prompt, or of the batch when "
+                          "num_generations is 1, times |y|: keeps the paper's expectation), 'leave_one_out' (the "
+                          "same on c itself: with length-normalized log-likelihoods it shifts the expected gradient "
+                          "by a term in the response length) or 'none' (the paper's plain Monte-Carlo average)."},
     )
     num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt in a constraint step."})
     max_completion_length: int = field(
