@@ -42,29 +42,33 @@ def test_shared_prompt_generation_samples_what_repeated_prompts_sample():
 def test_shared_prompt_logps_and_gradients_equal_whole_sequence_ones():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    ids, mask = _prompts(tokenizer)
-    torch.manual_seed(0)
-    completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
-                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=8)
-    assert len({tuple(c) for c in completions.completion_ids}) > 1
+    completions = _sampled(model, tokenizer)
+    whole = lambda m, c: completion_logps(m, dataclasses.replace(c, group_size=1))  # noqa: E731 (whole sequences)
+    _assert_same_logps_and_gradients(model, completions, completion_logps, whole)
+
+
+def _assert_same_logps_and_gradients(model, completions, first, second):
+    """``first(model, completions)`` and ``second(...)`` give the same log-probs and the same gradients of a
+    weighted sum of them, in training mode."""
     model.train()
     results = []
-    for group in (4, 1):  # 1: every row runs its whole sequence
+    for logps_of in (first, second):
         model.zero_grad()
-        logps = completion_logps(model, dataclasses.replace(completions, group_size=group))
+        logps = logps_of(model, completions)
         (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (shared, shared_grads), (whole, whole_grads) = results
-    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
-    for name, grad in whole_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    (logps_a, grads_a), (logps_b, grads_b) = results
+    torch.testing.assert_close(logps_a, logps_b, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_b.items():
+        torch.testing.assert_close(grads_a[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _sampled(model, tokenizer, **kwargs):
+def _sampled(model, tokenizer, seed: int = 0, max_new_tokens: int = 8, **kwargs):
     ids, mask = _prompts(tokenizer)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
-                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=8, **kwargs)
+                                     pad_token_id=tokenizer.pad_token_id, num_generations=4,
+                                     max_new_tokens=max_new_tokens, **kwargs)
     assert len({len(c) for c in completions.completion_ids}) > 1  # responses of different lengths
     return completions
 
@@ -269,25 +273,13 @@ def test_the_log_prob_pass_by_length_groups_gives_the_one_pass_logps_and_gradien
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    ids, mask = _prompts(tokenizer)
-    torch.manual_seed(1)
-    completions = sample_completions(model, ids, mask, stop_ids=[tokenizer.eos_token_id],
-                                     pad_token_id=tokenizer.pad_token_id, num_generations=4, max_new_tokens=40)
+    completions = _sampled(model, tokenizer, seed=1, max_new_tokens=40)
     lengths = completions.completion_mask.sum(dim=1)
     groups = length_groups(lengths, torch.arange(len(lengths)) // 4, completions.prompt_mask[::4].sum(dim=1))
     assert len(groups) > 1 and sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
     assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(groups, groups[1:]))
-    model.train()
-    results = []
-    for logps_of in (completion_logps, lambda m, c: _completion_logps(m, c, torch.arange(len(lengths)), 1.0)):
-        model.zero_grad()
-        logps = logps_of(model, completions)
-        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
-        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (grouped, grouped_grads), (one_pass, one_pass_grads) = results
-    torch.testing.assert_close(grouped, one_pass, rtol=1e-5, atol=1e-5)
-    for name, grad in one_pass_grads.items():
-        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    one_pass = lambda m, c: _completion_logps(m, c, torch.arange(len(lengths)), 1.0)  # noqa: E731
+    _assert_same_logps_and_gradients(model, completions, completion_logps, one_pass)
 
 
 def test_length_groups_keep_equal_lengths_together_and_set_a_long_response_apart():
