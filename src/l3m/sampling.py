@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from l3m.packed_linear import packed_linears
+
 NUCLEUS_CANDIDATES = 256  # largest logits searched for the top-p nucleus first (then 16x as many, up to all)
 PASS_OVERHEAD_TOKENS = 16  # a log-prob pass's fixed cost, in tokens, when responses are grouped by length
 
@@ -161,13 +163,15 @@ def sample_completions(
     gathers the weights in each) every row runs all ``max_new_tokens`` steps; the responses are the same.
 
     The model is put in eval mode while generating (gradient checkpointing is a training-mode feature and would
-    disable the KV cache; dropout is off as in the log-prob pass), and its previous mode is restored.
+    disable the KV cache; dropout is off as in the log-prob pass), and its previous mode is restored. On the CPU its
+    float32 linear layers run with weights packed once for the call (:mod:`l3m.packed_linear`).
     """
     was_training = model.training
     model.eval()
     try:
-        completion = _decode(model, prompt_ids, prompt_mask, stop_ids, pad_token_id, num_generations, max_new_tokens,
-                             NucleusSampler(temperature, top_p, top_k), synced)
+        with packed_linears(model):
+            completion = _decode(model, prompt_ids, prompt_mask, stop_ids, pad_token_id, num_generations,
+                                 max_new_tokens, NucleusSampler(temperature, top_p, top_k), synced)
     finally:
         model.train(was_training)
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
