@@ -42,7 +42,6 @@ def test_defaults_are_valid_and_follow_the_paper(tmp_path):
         ("objective_step_probability", -0.1),
         ("objective_step_probability", 1.01),
         ("step_schedule", "random"),
-        ("final_constraint_steps", -1),
         ("num_generations", 0),
         ("temperature", 0.0),
         ("top_k", -1),

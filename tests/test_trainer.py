@@ -16,7 +16,7 @@ from l3m import Constraint, L3MConfigError, L3MTrainer
 from l3m.data import prepare_dataset
 from l3m.evaluation import evaluate_model
 from l3m.training.checkpoints import SOLVER_STATE_NAME
-from l3m.training.coin import is_constraint_step, objective_step_count
+from l3m.training.coin import is_constraint_step
 
 # The random tiny model rambles (about 9 tokens, a quarter of samples hit the 16-token cap); the task data's answers
 # have 8-12 tokens. The constraint asks for 2-5 tokens: violated at the start, and away from where SFT goes.
@@ -161,35 +161,13 @@ def test_a_matched_sft_run_counts_the_objective_steps_of_the_configured_schedule
     """SFT matched to an L3M run takes that run's objective steps under its own probability and schedule, not the
     defaults (at seed 1 and probability 0.3, the coin gives 3 of 20 steps to the objective, alternation 6)."""
     from l3m import L3MConfig
-    from l3m.training.coin import objective_steps_of
+    from l3m.training.coin import objective_step_count, objective_steps_of
 
     for schedule in ("coin", "alternate"):
         args = L3MConfig(output_dir=str(tmp_path), max_steps=20, seed=1, objective_step_probability=0.3,
                          step_schedule=schedule, use_cpu=True, report_to=[])
         assert objective_steps_of(args) == objective_step_count(1, 20, 0.3, schedule)
     assert objective_step_count(1, 20, 0.3, "coin") != objective_step_count(1, 20, 0.3, "alternate")
-
-
-@pytest.mark.parametrize("schedule", ["alternate", "coin"])
-def test_the_final_constraint_steps_are_constraint_steps_and_the_rest_keep_their_schedule(schedule):
-    plain = [is_constraint_step(2, step, 0.5, schedule) for step in range(30)]
-    final = [is_constraint_step(2, step, 0.5, schedule, final_constraint_steps=6, max_steps=30) for step in range(30)]
-    assert final[:24] == plain[:24] and all(final[24:]) and not all(plain[24:])
-    assert objective_step_count(2, 30, 0.5, schedule, 6) == plain[:24].count(False) < plain.count(False)
-
-
-def test_a_run_ends_with_its_final_constraint_steps_and_sft_matches_its_objective_steps(tmp_path):
-    from l3m.training.coin import objective_steps_of
-
-    trainer = _trainer(tmp_path, constraints=[Constraint("length_tokens", max=5)], max_steps=8,
-                       final_constraint_steps=3, logging_steps=1)
-    recorder = Recorder()
-    trainer.add_callback(recorder)
-    trainer.train()
-    kinds = [log["step/constraint"] for log in recorder.logs if "step/constraint" in log]
-    assert len(kinds) == 8 and kinds[-3:] == [1.0, 1.0, 1.0]
-    assert kinds[:5] == [float(is_constraint_step(trainer.args.seed, step)) for step in range(5)]
-    assert objective_steps_of(trainer.args) == kinds.count(0.0)
 
 
 def test_same_seed_gives_same_coins_and_weights(tmp_path):

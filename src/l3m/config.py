@@ -149,8 +149,6 @@ class L3MConfig(SolverConfig, TrainingArguments):
         step rather than a constraint step (the fair coin of Sec. 5.4).
     step_schedule (`str`, defaults to `"alternate"`): how the two kinds are spread over the steps
         (:mod:`l3m.training.coin`): evenly at a seeded phase, or the paper's independent coin per step (``"coin"``).
-    final_constraint_steps (`int`, defaults to `0`): the last that many optimizer steps are all constraint steps, so a
-        constraint still violated when a short run's budget ends can come in without the objective's pull.
     reinforce_baseline (`str`, defaults to `"leave_one_out_per_token"`): control variate of the REINFORCE estimate
         of Eq. 12 (:func:`l3m.training.reinforce.constraint_advantages` states what each one estimates; chosen by
         measurement on the demo, docs/solver.md).
@@ -200,13 +198,6 @@ class L3MConfig(SolverConfig, TrainingArguments):
                           "its share of each kind to within one step, at a seeded phase: the coin's marginals "
                           "without its streaks) or 'coin' (the paper's independent fair coin per step, Sec. 5.4)."},
     )
-    final_constraint_steps: int = field(
-        default=0,
-        metadata={"help": "The last this many optimizer steps are all constraint steps (0: none). In a short run the "
-                          "two kinds pull against each other to the end, and a constraint still violated then stays "
-                          "violated; a met constraint's multiplier is near 0 by then, so its steps barely move the "
-                          "model. They count toward max_steps; a matched SFT run counts only the objective steps."},
-    )
     reinforce_baseline: str = field(
         default="leave_one_out_per_token",
         metadata={"help": "Control variate for the REINFORCE estimate of Eq. 12: 'leave_one_out_per_token' (the mean "
@@ -249,8 +240,6 @@ class L3MConfig(SolverConfig, TrainingArguments):
                f"must be in [0, 1], got {self.objective_step_probability}")
         _check(self.step_schedule in STEP_SCHEDULES, "step_schedule",
                f"must be one of {', '.join(STEP_SCHEDULES)}, got {self.step_schedule!r}")
-        _check(self.final_constraint_steps >= 0, "final_constraint_steps",
-               f"must be >= 0, got {self.final_constraint_steps}")
         _check(self.reinforce_baseline in BASELINES, "reinforce_baseline",
                f"must be one of {', '.join(BASELINES)}, got {self.reinforce_baseline!r}")
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")

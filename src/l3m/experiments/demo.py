@@ -59,9 +59,6 @@ class DemoSettings(RunSettings):
         "help": "Token cap of sampled responses in training; default eval_max_new_tokens, so that training sees "
                 "the lengths evaluation counts."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
-    final_constraint_steps: int = field(default=6, metadata={
-        "help": "The last this many steps of every L3M are constraint steps (L3MConfig.final_constraint_steps); "
-                "SFT takes as many steps as an L3M takes objective steps."})
     # Without a target an expectation constraint ends on its bound, and the held-out mean within about a standard
     # error of it on either side (README): the lengthening range then needed 8 samples per prompt to end inside.
     confidence: float | None = field(default=0.975, metadata={
@@ -116,11 +113,10 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     records = []
     for index, run in enumerate(runs, start=1):
         steps = settings.max_steps if run.max_steps is None else run.max_steps
-        solver = dict(mu_final=settings.mu_final, final_constraint_steps=settings.final_constraint_steps)
         if run.match_objective_steps:
-            steps = objective_steps_of(settings.training_args(run.name, settings.max_steps, **solver))
+            steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
-        args = settings.training_args(run.name, steps, **solver)
+        args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
         constraints = run.constraints(settings.confidence, settings.margin)
         result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
                                     constraints=constraints, eval_constraints=run.constraints() or _length_probe(),

@@ -9,14 +9,8 @@ phase ``u``, step ``t`` is a constraint step when ``floor((t + 1) q + u) > floor
 ``q = 1 - objective_step_probability``, so every window of ``n`` steps holds ``n q`` constraint steps to within one
 (at 0.5: strict alternation, the seed choosing which kind goes first).
 
-With ``final_constraint_steps`` the last that many steps of the run are all constraint steps, under either schedule.
-In a short run the two kinds pull against each other to the end, and a constraint that is still violated when the
-budget runs out stays violated: each objective step undoes part of the constraint step before it. A final stretch of
-constraint steps lets it come in without that pull; a constraint that is met by then has a multiplier near 0 (Eq. 9
-with a small mu), so its steps barely move the model (docs/solver.md, "Step schedule").
-
-Both are pure functions of ``(seed, step)`` (and the run's length): identical across gradient-accumulation
-micro-batches and processes, reproducible, and restored by a resumed run without any saved RNG state.
+Both are pure functions of ``(seed, step)``: identical across gradient-accumulation micro-batches and processes,
+reproducible, and restored by a resumed run without any saved RNG state.
 """
 
 from __future__ import annotations
@@ -27,12 +21,9 @@ import random
 STEP_SCHEDULES = ("alternate", "coin")
 
 
-def is_constraint_step(seed: int, step: int, objective_step_probability: float = 0.5, schedule: str = "alternate",
-                       final_constraint_steps: int = 0, max_steps: int = 0) -> bool:
-    """Whether optimizer step ``step`` (of ``max_steps``) is a constraint step under ``schedule``, the last
-    ``final_constraint_steps`` of them always (module docstring)."""
-    if final_constraint_steps > 0 and step >= max_steps - final_constraint_steps:
-        return True
+def is_constraint_step(seed: int, step: int, objective_step_probability: float = 0.5,
+                       schedule: str = "alternate") -> bool:
+    """Whether optimizer step ``step`` is a constraint step under ``schedule`` (module docstring)."""
     if schedule == "coin":
         return random.Random(f"l3m-coin-{seed}-{step}").random() >= objective_step_probability
     if schedule != "alternate":
@@ -43,15 +34,13 @@ def is_constraint_step(seed: int, step: int, objective_step_probability: float =
 
 
 def objective_step_count(seed: int, max_steps: int, objective_step_probability: float = 0.5,
-                         schedule: str = "alternate", final_constraint_steps: int = 0) -> int:
+                         schedule: str = "alternate") -> int:
     """How many of ``max_steps`` optimizer steps are objective steps (an SFT run with as many steps takes the same
     number of task-objective steps as a constrained run)."""
-    return sum(not is_constraint_step(seed, step, objective_step_probability, schedule, final_constraint_steps,
-                                      max_steps) for step in range(max_steps))
+    return sum(not is_constraint_step(seed, step, objective_step_probability, schedule) for step in range(max_steps))
 
 
 def objective_steps_of(args) -> int:
     """:func:`objective_step_count` of a constrained run configured by ``args`` (an :class:`l3m.L3MConfig`): its
-    seed, ``max_steps``, ``objective_step_probability``, ``step_schedule`` and ``final_constraint_steps``."""
-    return objective_step_count(args.seed, args.max_steps, args.objective_step_probability, args.step_schedule,
-                                args.final_constraint_steps)
+    seed, ``max_steps``, ``objective_step_probability`` and ``step_schedule``."""
+    return objective_step_count(args.seed, args.max_steps, args.objective_step_probability, args.step_schedule)

@@ -132,8 +132,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
     def _is_constraint_step(self, step: int) -> bool:
         args = self.args
         return bool(self.bounds) and is_constraint_step(args.seed, step, args.objective_step_probability,
-                                                        args.step_schedule, args.final_constraint_steps,
-                                                        self.state.max_steps)
+                                                        args.step_schedule)
 
     # Overridden to flip the coin once per optimizer step, and to close each optimizer step (after the last
     # gradient-accumulation micro-batch's backward, before clipping and the optimizer) in _end_optimizer_step.
@@ -262,5 +261,4 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
     def solver_state_extras(self) -> dict:
         """The step schedule's settings, saved with the solver state (a resumed run takes the same kinds of steps)."""
         return {"coin": {"seed": self.args.seed, "objective_step_probability": self.args.objective_step_probability,
-                         "schedule": self.args.step_schedule,
-                         "final_constraint_steps": self.args.final_constraint_steps}}
+                         "schedule": self.args.step_schedule}}
