@@ -1,12 +1,13 @@
 """Decoding on the CPU with linear weights packed once per sampling call (oneDNN).
 
 A decoding step multiplies a few rows of activations (one per response still going) by every weight matrix of the
-model. At such sizes PyTorch's default float32 CPU product reads the weights far below the memory bandwidth: on the
-project's 2-core AMD EPYC a ``[4, 576] x [576, 1536]`` product whose weight is not in cache takes about 0.43 ms
+model. At such sizes PyTorch's default float32 CPU product reads the weights far below the memory bandwidth: on a
+2-core AMD EPYC (AVX-512) a ``[4, 576] x [576, 1536]`` product whose weight is not in cache takes about 0.43 ms
 (8 GB/s) against 0.17 ms (21 GB/s) through oneDNN's linear with the weight reordered beforehand into oneDNN's own
-layout, and a 4-row decoding step of the demo model about 100 ms against 45-70 ms (``docs/benchmark.md``).
+layout, and a 4-row decoding step of the demo model 85 ms against 42 ms (``benchmarks/bench_decode_step.py``,
+``docs/benchmark.md``).
 
-The reorder costs about a tenth of a second for the demo model and must be redone whenever the weights change, so it
+The reorder costs a tenth to a third of a second for the demo model and must be redone whenever the weights change, so it
 pays over the tens of decoding steps of one :func:`l3m.sampling.sample_completions` call, which runs inside
 :func:`packed_linears`. The results equal the default product's to float32 rounding (summation order differs), so a
 sampled token can differ where two candidates' cumulative probabilities meet the drawn uniform number almost exactly.
