@@ -7,8 +7,8 @@ model. At such sizes PyTorch's default float32 CPU product reads the weights far
 layout, and a 4-row decoding step of the demo model 85 ms against 42 ms (``benchmarks/bench_decode_step.py``,
 ``docs/benchmark.md``).
 
-The reorder costs a tenth to a third of a second for the demo model and must be redone whenever the weights change, so it
-pays over the tens of decoding steps of one :func:`l3m.sampling.sample_completions` call, which runs inside
+The reorder costs a tenth to a third of a second for the demo model and must be redone whenever the weights change,
+so it pays over the tens of decoding steps of one :func:`l3m.sampling.sample_completions` call, which runs inside
 :func:`packed_linears`. The results equal the default product's to float32 rounding (summation order differs), so a
 sampled token can differ where two candidates' cumulative probabilities meet the drawn uniform number almost exactly.
 
