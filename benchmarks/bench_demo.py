@@ -178,7 +178,8 @@ def run(args) -> dict:
             return original(*a, description=description, **kw)
 
     demo.train_and_evaluate = train_and_evaluate
-    fields = {k: v for k, v in (("max_steps", args.max_steps), ("test_size", args.test_size), ("seed", args.seed))
+    fields = {k: v for k, v in (("max_steps", args.max_steps), ("test_size", args.test_size), ("seed", args.seed),
+                                          ("bf16", args.bf16))
               if v is not None}
     settings = demo.DemoSettings(output_dir=args.output_dir, **fields)
     start = time.perf_counter()
@@ -246,6 +247,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_steps", type=int, help="override the demo's steps per L3M (quick checks)")
     parser.add_argument("--test_size", type=int, help="override the demo's held-out prompts (quick checks)")
     parser.add_argument("--seed", type=int, help="override the demo's seed")
+    parser.add_argument("--bf16", choices=("auto", "true", "false"), help="override the demo's bf16 setting")
     args = parser.parse_args(argv)
     if args.compare:
         results = []

@@ -1,5 +1,6 @@
 """Decoding with packed linear weights: the same logits and responses as the default product, the packed copies are
-what the layers use inside the block, every layer is itself again after it, and nothing is packed under autocast."""
+what the layers use inside the block, every layer is itself again after it, and under bf16 autocast the bf16 packed
+copies give autocast's own logits."""
 
 from __future__ import annotations
 
@@ -38,21 +39,49 @@ def test_packed_layers_give_the_default_logits_and_are_themselves_again_after_th
 
 @torch.no_grad()
 def test_inside_the_block_the_layers_use_their_packed_copies():
-    """A change of the weights inside the block does not reach the output (what the docstring warns about), and
-    reaches it again after the block: the packed path is the one that ran."""
+    """A change of the weights after the layers' first call inside the block does not reach the output (what the
+    docstring warns about), and reaches it again after the block: the packed path is the one that ran."""
     model, ids = _model_and_input()
     plain = model(ids).logits
     with packed_linears(model):
+        model(ids)  # each layer packs its copy at its first call
         model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # (lm_head shares the embedding: not that one)
         assert torch.allclose(model(ids).logits, plain, atol=1e-5)
     assert not torch.allclose(model(ids).logits, plain, atol=1e-3)
 
 
 @torch.no_grad()
-def test_nothing_is_packed_under_cpu_autocast_or_where_a_forward_was_already_replaced():
+def test_under_bf16_autocast_the_packed_bf16_copies_give_autocasts_logits_bit_for_bit():
+    """The model's forward under CPU bf16 autocast (as accelerate runs it with ``bf16: true``): the layers multiply
+    with bf16 copies packed inside the block, and the logits are exactly autocast's own."""
     model, ids = _model_and_input()
-    with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model) as packed:
-        assert packed == 0
+    model.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.randn(model.config.hidden_size))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+    with packed_linears(model) as packed:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = model(ids).logits
+        forwards = [vars(m)["forward"] for m in _linears(model)]
+    assert packed == len(_linears(model))
+    assert all(set(f.packed) == {torch.bfloat16} for f in forwards)  # what ran is the bf16 packed copy, only it
+    assert torch.equal(inside, plain)
+
+
+@torch.no_grad()
+def test_other_autocast_dtypes_run_the_layers_as_they_are():
+    model, ids = _model_and_input()
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = model(ids).logits
+    with packed_linears(model):
+        with torch.autocast("cpu", dtype=torch.float16):
+            inside = model(ids).logits
+        assert not any(vars(m)["forward"].packed for m in _linears(model))
+    assert torch.equal(inside, plain)
+
+
+@torch.no_grad()
+def test_a_forward_already_replaced_is_left_alone():
+    model, ids = _model_and_input()
     hooked = model.lm_head
     hooked.forward = torch.nn.Linear.forward.__get__(hooked)  # as accelerate's hooks replace a module's forward
     with packed_linears(model) as packed:
