@@ -105,3 +105,22 @@ def test_sampling_with_packed_weights_draws_the_responses_of_the_default_product
     packed, default = runs
     assert len({len(ids) for ids in packed.completion_ids}) > 1
     assert packed.completion_ids == default.completion_ids
+
+
+def test_a_bf16_trainers_constraint_step_samples_with_the_bf16_packed_copies(tmp_path, monkeypatch):
+    """With ``bf16: true`` accelerate runs the forward under autocast: the constraint step's sampling multiplies with
+    bf16 packed copies (not the float32 ones, not autocast's per-call casts), and the step updates the weights."""
+    from fixtures.trainers import copy_weights, make_trainer, same_weights
+    from l3m import Constraint
+    from l3m.packed_linear import _PackedForward
+
+    packed_dtypes = []
+    original = _PackedForward._weights
+    monkeypatch.setattr(_PackedForward, "_weights", lambda self, dtype: packed_dtypes.append(dtype) or
+                        original(self, dtype))
+    trainer = make_trainer(tmp_path, [Constraint("length_tokens", max=3, name="length")], max_steps=1,
+                           objective_step_probability=0.0, max_completion_length=6, bf16=True)
+    before = copy_weights(trainer.model)
+    trainer.train()
+    assert packed_dtypes and set(packed_dtypes) == {torch.bfloat16}
+    assert not same_weights(before, copy_weights(trainer.model))

@@ -2,7 +2,8 @@
 
 bf16 autocast pays off on CPU only with native bf16 instructions. Without them (e.g. AVX2-only CPUs) PyTorch emulates
 bf16 matrix products, which on this project's 2-core AVX2 machine run about 20x slower than float32; with
-``avx512_bf16`` or ``amx_bf16`` they are faster than float32.
+``avx512_bf16`` or ``amx_bf16`` they are faster than float32 (a 4-row decoding step of the demo model 0.73x, the
+whole demo 0.88x on a 2-core AMD EPYC with ``avx512_bf16``; docs/benchmark.md).
 
 torch starts one thread per core it sees; in a container with a CPU quota (``docker run --cpus 2`` on a 64-core
 host) that is one per host core, and the oversubscribed threads slow every matrix product. ``l3m``'s commands lower

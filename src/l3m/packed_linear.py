@@ -16,8 +16,9 @@ Under CPU bf16 autocast (``bf16: true``: accelerate runs the model's forward ins
 multiplies in bf16, and PyTorch casts its float32 weight to bf16 at every call: a decoding step reads the float32
 weights, writes bf16 copies and reads those. Inside :func:`packed_linears` such a call uses a bf16 copy of the weight
 (and bias) packed once for the block instead: the product autocast computes, bit for bit
-(``tests/test_packed_linear.py``), reading half the bytes of the float32 weights once. Which copy a layer needs is only known when it runs (the
-autocast is entered inside the model's forward), so each copy is made at the layer's first call of its kind.
+(``tests/test_packed_linear.py``), reading half the bytes of the float32 weights once. Which copy a layer needs is
+only known when it runs (the autocast is entered inside the model's forward), so each copy is made at the layer's
+first call of its kind. ``benchmarks/bench_decode_step.py --bf16`` times it (``docs/benchmark.md``).
 
 The ops are PyTorch's own (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, the pair inductor's
 CPU backend uses for the same purpose); where they are missing, for weights that are not plain float32 CPU tensors
@@ -86,7 +87,8 @@ def packed_linears(model: torch.nn.Module):
     autocast; each layer's own forward is restored after the block. Yields how many layers were packed.
 
     For no-grad inference only: the packed copies do not follow changes of the weights made after a layer's first
-    call in the block, and carry no gradient. Peak memory rises by one copy of the packed weights (half of it for bf16) while the block runs.
+    call in the block, and carry no gradient. Peak memory rises by one copy of the packed weights (half of it for
+    bf16) while the block runs.
     """
     layers = [m for m in model.modules() if _packable(m)] if packing_available() else []
     for module in layers:

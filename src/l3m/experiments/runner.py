@@ -38,8 +38,8 @@ class RunSettings:
     seed: int = field(default=0, metadata={"help": "Seed of splits, training and sampling."})
     bf16: str = field(default="false", metadata={
         "help": "bf16 autocast in training: auto (where the CPU has native bf16: avx512_bf16 or amx_bf16; float32 "
-                "elsewhere), true or false. Untested on this project's machines, which have no native bf16; the "
-                "README's numbers are float32."})
+                "elsewhere), true or false. On a 2-core CPU with avx512_bf16 the demo took 0.88x of float32's time "
+                "and one of its seed-0 ranges was missed (docs/benchmark.md); the README's numbers are float32."})
 
     def training_args(self, name: str, steps: int, **fields):
         """The :class:`l3m.L3MConfig` of run ``name`` (its folder under ``output_dir``): this budget, on CPU, no
