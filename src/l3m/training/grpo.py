@@ -140,8 +140,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
                             self.accelerator.device)
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
-        # per scored batch: (estimate, lambda, satisfied fraction, confidence terms)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per scored batch: (estimate, lambda, satisfied fraction, confidence terms, estimate against the user's bounds)
+        self._pending: list[tuple[torch.Tensor, ...]] = []
 
     def _objective(self, specs) -> list:
         """The objective's reward functions: l3m specs resolved and adapted to l3m's inputs, the rest as given."""
@@ -191,7 +191,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
-                self._pending.append((estimate, multipliers, satisfied, terms))
+                bound_estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
+                self._pending.append((estimate, multipliers, satisfied, terms, bound_estimate))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -210,11 +211,13 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            estimate, multipliers, satisfied, terms = (torch.stack(x).mean(dim=0) for x in zip(*self._pending))
+            estimate, multipliers, satisfied, terms, bound_estimate = (torch.stack(x).mean(dim=0)
+                                                                       for x in zip(*self._pending))
             multipliers = self._pending[-1][1]  # the weights the step's rewards used
             self._pending.clear()
             self.solver.update_(estimate)
-            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate)
+            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate,
+                                       bound_estimates=bound_estimate)
             for i, bound in enumerate(self.bounds):
                 for key, value in target_metrics(bound, terms[i].item()).items():
                     metrics[key].append(value)

@@ -80,13 +80,14 @@ class NonFiniteGuard:
         self.last_reason = state["last_reason"]
 
 
-def describe_bound(bound: Bound, value: float) -> str:
+def describe_bound(bound: Bound, value: float, target: bool = True) -> str:
     """A constraint value ``C`` (``<= 0`` satisfied) in the words of its kind, with the bound's target.
 
     expectation: ``C = b - E[r]`` (for a ``max``: ``E[r] - max``) -> the mean reward; chance:
     ``C = (1 - epsilon) - P[meets]`` -> the fraction of responses meeting the bound; uniform:
-    ``C = E[max(0, shortfall)] - delta`` -> the mean shortfall. With a ``margin``, against the training target
-    (the threshold moved inward), as training estimates ``C``.
+    ``C = E[max(0, shortfall)] - delta`` -> the mean shortfall. With ``target``, ``C`` is against the training
+    target (the threshold moved inward by the ``margin``), as training estimates it; without, against the user's
+    threshold itself (``bound`` in an expectation's words).
 
     >>> from l3m.constraints import Constraint
     >>> describe_bound(Constraint("length_tokens", max=8).bounds()[0], 2.0)
@@ -97,25 +98,34 @@ def describe_bound(bound: Bound, value: float) -> str:
     'mean shortfall below 3: 0.5, target <= 0'
     >>> describe_bound(Constraint("length_tokens", max=8, margin=1).bounds()[0], 2.0)
     'mean reward 9, target <= 7'
+    >>> describe_bound(Constraint("length_tokens", max=8, margin=1).bounds()[0], -1.0, target=False)
+    'mean reward 7, bound <= 8'
     """
     c = bound.constraint
-    target = bound.target()  # training's target in reward units (the value is estimated against it)
-    side = f">= {target:g}" if bound.sign > 0 else f"<= {target:g}"
+    level = bound.target() if target else bound.sign * bound.threshold  # in reward units
+    side = f">= {level:g}" if bound.sign > 0 else f"<= {level:g}"
     if c.kind == "chance":
         return f"fraction meeting {side}: {(1 - c.epsilon) - value:.4g}, target >= {1 - c.epsilon:g}"
     if c.kind == "uniform":
         direction = "below" if bound.sign > 0 else "above"
-        return f"mean shortfall {direction} {abs(target):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
-    return f"mean reward {target - bound.sign * value:.4g}, target {side}"
+        return f"mean shortfall {direction} {abs(level):g}: {value + c.delta:.4g}, target <= {c.delta:g}"
+    return f"mean reward {level - bound.sign * value:.4g}, {'target' if target else 'bound'} {side}"
+
+
+def _target_words(c) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in (("margin", c.margin), ("confidence", c.confidence))
+                     if value)
 
 
 class InfeasibilityMonitor:
     """Tracks, per one-sided constraint, how many constraint steps in a row it has been violated.
 
-    A step counts as violated when that step's own estimate of ``C`` is ``> 0``, not the solver's smoothed value:
-    an EMA of non-negative terms (a ``uniform`` constraint with ``delta = 0``) stays above 0 for hundreds of steps
-    after a single failing response, although every later response passes. The summary reports the last step's
-    estimate and the smoothed one.
+    A step counts as violated when that step's own estimate of ``C`` against the training target is ``> 0``, not the
+    solver's smoothed value: an EMA of non-negative terms (a ``uniform`` constraint with ``delta = 0``) stays above 0
+    for hundreds of steps after a single failing response, although every later response passes. The summary judges
+    the last step against the user's bound itself: a bound with a ``margin`` or a ``confidence`` trains towards a
+    stricter target (Eq. 9-11 on the tightened bound), and a step that meets the bound but not that target is
+    ``satisfied``, with the target's state said beside it.
     """
 
     def __init__(self, bounds: Sequence[Bound], patience: int):
@@ -123,46 +133,65 @@ class InfeasibilityMonitor:
         self.patience = patience
         self.violated_steps = [0] * len(self.bounds)
         self.last_values: list[float] | None = None  # the smoothed estimate after the last constraint step
-        self.last_estimates: list[float] | None = None  # the last constraint step's own estimate
+        self.last_estimates: list[float] | None = None  # the last constraint step's own estimate (training target)
+        self.last_bound_estimates: list[float] | None = None  # the same against the user's bounds
         self.last_multipliers: list[float] | None = None
 
     def observe(self, step: int, values: torch.Tensor, multipliers: torch.Tensor,
-                estimates: torch.Tensor | None = None) -> None:
-        """Record one constraint step: the smoothed values ``(K,)``, the multipliers it used ``(K,)`` and its own
-        estimate ``(K,)`` (the smoothed values when not given)."""
+                estimates: torch.Tensor | None = None, bound_estimates: torch.Tensor | None = None) -> None:
+        """Record one constraint step: the smoothed values ``(K,)``, the multipliers it used ``(K,)``, its own
+        estimate ``(K,)`` against the training targets (the smoothed values when not given) and against the user's
+        bounds (the same as the training targets' when not given: no margin or confidence)."""
         self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
         self.last_estimates = self.last_values if estimates is None else estimates.tolist()
+        self.last_bound_estimates = self.last_estimates if bound_estimates is None else bound_estimates.tolist()
         for i, bound in enumerate(self.bounds):
             self.violated_steps[i] = self.violated_steps[i] + 1 if self.last_estimates[i] > 0 else 0
             if self.violated_steps[i] == self.patience:
                 logger.warning("Constraint %s may be infeasible: %s", bound.name, self._describe(i) +
                                f" (step {step}); check its target, or give the run more steps")
 
+    def _last_step(self, i: int) -> str:
+        """The last constraint step in the words of the kind: against the bound, and the training target's state
+        when the bound has one."""
+        bound = self.bounds[i]
+        if not bound.constraint.has_target:
+            return describe_bound(bound, self.last_estimates[i])
+        met = "met" if self.last_estimates[i] <= 0 else "not met"
+        return (f"{describe_bound(bound, self.last_bound_estimates[i], target=False)}; training target "
+                f"({_target_words(bound.constraint)}) {met}")
+
     def _describe(self, i: int) -> str:
-        return (f"{describe_bound(self.bounds[i], self.last_estimates[i])}, still violated after "
-                f"{self.violated_steps[i]} constraint steps in a row with multiplier {self.last_multipliers[i]:.4g}")
+        still = " after" if self.bounds[i].constraint.has_target else ", still violated after"  # (target "not met")
+        return (f"{self._last_step(i)}{still} {self.violated_steps[i]} constraint steps in a row with multiplier "
+                f"{self.last_multipliers[i]:.4g}")
 
     def summary(self) -> list[str]:
-        """One line per constraint: whether its last constraint step met it (or it looks infeasible), that step's
-        estimate and the smoothed one, in the words of its kind."""
+        """One line per constraint: whether its last constraint step met the user's bound (or it looks infeasible:
+        the training target missed at ``patience`` steps in a row), that step's estimate and the smoothed one, in
+        the words of its kind."""
         if self.last_values is None:
             return []
         lines = []
         for i, bound in enumerate(self.bounds):
-            smoothed = f" (smoothed: {describe_bound(bound, self.last_values[i]).split(', target')[0]})"
+            if bound.constraint.has_target:
+                smoothed = f" (smoothed against the training target: C = {self.last_values[i]:.4g})"
+            else:
+                smoothed = f" (smoothed: {describe_bound(bound, self.last_values[i]).split(', target')[0]})"
             if self.violated_steps[i] >= self.patience:
                 lines.append(f"{bound.name}: POSSIBLY INFEASIBLE: {self._describe(i)}{smoothed}")
             else:
-                status = "satisfied" if self.last_estimates[i] <= 0 else "violated"
-                lines.append(f"{bound.name}: {status} at the last constraint step: "
-                             f"{describe_bound(bound, self.last_estimates[i])}{smoothed}")
+                status = "satisfied" if self.last_bound_estimates[i] <= 0 else "violated"
+                lines.append(f"{bound.name}: {status} at the last constraint step: {self._last_step(i)}{smoothed}")
         return lines
 
     def state_dict(self) -> dict:
         return {"violated_steps": list(self.violated_steps), "last_values": self.last_values,
-                "last_estimates": self.last_estimates, "last_multipliers": self.last_multipliers}
+                "last_estimates": self.last_estimates, "last_bound_estimates": self.last_bound_estimates,
+                "last_multipliers": self.last_multipliers}
 
     def load_state_dict(self, state: dict) -> None:
         self.violated_steps = [int(n) for n in state["violated_steps"]]
         self.last_values, self.last_multipliers = state["last_values"], state["last_multipliers"]
         self.last_estimates = state.get("last_estimates", self.last_values)  # checkpoints from before it was kept
+        self.last_bound_estimates = state.get("last_bound_estimates", self.last_estimates)
