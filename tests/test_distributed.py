@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo DDP) train one model: same coins, one reduced constraint estimate, different
-samples, gradients averaged once and then clipped, equal parameters at the end."""
+samples, gradients averaged once and then clipped, equal parameters at the end. And l3m's sampling and log-prob pass
+on a model sharded with FSDP2 (``fully_shard``) over gloo: the unsharded model's responses and gradients."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from l3m.sampling import Completions, completion_logps, response_nll
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "fixtures", "ddp_worker.py")
+FSDP_WORKER = os.path.join(TESTS_DIR, "fixtures", "fsdp_worker.py")
 
 
-def _launch(out_dir, *flags) -> subprocess.CompletedProcess:
+def _launch(out_dir, *flags, worker: str = WORKER) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(l3m.__file__)), TESTS_DIR]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
                str(out_dir), *flags]
     # its own process group, so that a timeout stops the workers too, not only the torchrun launcher (which would
     # leave two workers spinning in gloo and slow every later test)
@@ -214,3 +216,19 @@ def test_only_weight_sharding_runs_every_decoding_step_on_every_process():
     assert not shards_weights(accelerator(DistributedType.DEEPSPEED, zero_stage=2))
     assert not shards_weights(accelerator(DistributedType.MULTI_CPU))
     assert not shards_weights(accelerator(DistributedType.FSDP, processes=1))
+
+
+def test_sampling_and_the_logprob_pass_on_an_fsdp2_sharded_model_match_the_unsharded_model(tmp_path):
+    """FSDP2 on CPU (gloo), without accelerate (which does not shard on CPU, docs/scaling.md): each process samples
+    from the sharded model with synced decoding, its responses ending at other steps than the other process's; the
+    responses, log-probabilities and FSDP-averaged gradients are the unsharded model's."""
+    result = _launch(tmp_path, worker=FSDP_WORKER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["parameter_type"] == "DTensor" for r in ranks)  # the weights were sharded
+    lengths = [[len(ids) for ids in r["responses"]["sharded"]] for r in ranks]
+    assert lengths[0] != lengths[1] and min(min(x) for x in lengths) < 8  # responses ended at different steps
+    for r in ranks:
+        assert r["responses"]["sharded"] == r["responses"]["unsharded"]
+        torch.testing.assert_close(r["logps"]["sharded"], r["logps"]["unsharded"], rtol=1e-5, atol=1e-5)
+        assert r["grad_difference"] < 1e-5
