@@ -23,6 +23,7 @@ from l3m.sampling import Completions, completion_logps, response_nll
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "fixtures", "ddp_worker.py")
 FSDP_WORKER = os.path.join(TESTS_DIR, "fixtures", "fsdp_worker.py")
+FSDP_TRAINER_WORKER = os.path.join(TESTS_DIR, "fixtures", "fsdp_trainer_worker.py")
 
 
 def _launch(out_dir, *flags, worker: str = WORKER) -> subprocess.CompletedProcess:
@@ -232,3 +233,27 @@ def test_sampling_and_the_logprob_pass_on_an_fsdp2_sharded_model_match_the_unsha
         assert r["responses"]["sharded"] == r["responses"]["unsharded"]
         torch.testing.assert_close(r["logps"]["sharded"], r["logps"]["unsharded"], rtol=1e-5, atol=1e-5)
         assert r["grad_difference"] < 1e-5
+
+
+def test_an_l3m_run_sharded_by_accelerates_fsdp2_trains_as_the_ddp_run(tmp_path):
+    """6 steps (objective and constraint) of the tiny model on 2 CPU processes, once as DDP and once with accelerate
+    made to apply its FSDP2 on CPU (the worker's one patch, see its docstring): the sharded run's weights are
+    DTensors, its logs are the DDP run's and so are its parameters at the end."""
+    runs = {}
+    for name, flags in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        out = tmp_path / name
+        out.mkdir()
+        result = _launch(out, *flags, worker=FSDP_TRAINER_WORKER)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = torch.load(out / "params.pt", weights_only=False)
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert (ddp["distributed_type"], fsdp["distributed_type"]) == ("DistributedType.MULTI_CPU", "DistributedType.FSDP")
+    assert fsdp["parameter_type"] == "DTensor"
+    kinds = [log.get("step/constraint") for log in fsdp["log_history"] if "loss" in log]
+    assert kinds.count(1.0) >= 2 and kinds.count(0.0) >= 2  # both step kinds ran sharded
+    for a, b in zip(ddp["log_history"], fsdp["log_history"]):
+        for key in ("loss", "constraints/length/value", "constraints/length/multiplier"):
+            if key in a:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), key
+    for name, value in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], value, rtol=1e-5, atol=1e-5)
