@@ -273,3 +273,17 @@ def test_demo_training_cap_follows_the_evaluation_cap():
     (parsed,) = L3MParser((DemoSettings,)).parse(["--eval_max_new_tokens", "32", "--max_completion_length", "16"])
     assert parsed.max_completion_length == 16
     assert DemoSettings().max_completion_length == 64
+
+
+def test_the_demos_constraint_kind_reaches_training_and_a_bad_one_fails_before_any_run():
+    """--kind chance trains each L3M on P[length in range] >= 1 - epsilon while evaluation still judges the mean;
+    a chance kind without epsilon is refused when the settings are parsed, naming the option."""
+    from l3m.experiments.demo import DEMO_RUNS, DemoSettings
+    from l3m.parsing import L3MParser
+
+    (parsed,) = L3MParser((DemoSettings,)).parse(["--kind", "chance", "--epsilon", "0.1", "--confidence", "none"])
+    (training,) = DEMO_RUNS[2].constraints(parsed.confidence, parsed.margin, parsed.kind, parsed.epsilon)
+    assert (training.kind, training.epsilon, training.confidence) == ("chance", 0.1, None)
+    assert DEMO_RUNS[2].constraints()[0].kind == "expectation"  # what the demo evaluates with
+    with pytest.raises(L3MConfigError, match=r"epsilon: required for kind: chance"):
+        L3MParser((DemoSettings,)).parse(["--kind", "chance"])
