@@ -29,6 +29,7 @@ run as they are.
 from __future__ import annotations
 
 from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 

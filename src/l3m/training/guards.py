@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from l3m.constraints import Bound
+from l3m.constraints import Bound, Constraint
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def describe_bound(bound: Bound, value: float, target: bool = True) -> str:
     return f"mean reward {level - bound.sign * value:.4g}, {'target' if target else 'bound'} {side}"
 
 
-def _target_words(c) -> str:
+def _target_words(c: Constraint) -> str:
     return ", ".join(f"{key} {value:g}" for key, value in (("margin", c.margin), ("confidence", c.confidence))
                      if value)
 
@@ -162,7 +162,8 @@ class InfeasibilityMonitor:
                 f"({_target_words(bound.constraint)}) {met}")
 
     def _describe(self, i: int) -> str:
-        still = " after" if self.bounds[i].constraint.has_target else ", still violated after"  # (target "not met")
+        # with a target, the last step's words already end in "training target (...) not met"
+        still = " after" if self.bounds[i].constraint.has_target else ", still violated after"
         return (f"{self._last_step(i)}{still} {self.violated_steps[i]} constraint steps in a row with multiplier "
                 f"{self.last_multipliers[i]:.4g}")
 
