@@ -179,7 +179,7 @@ def run(args) -> dict:
 
     demo.train_and_evaluate = train_and_evaluate
     fields = {k: v for k, v in (("max_steps", args.max_steps), ("test_size", args.test_size), ("seed", args.seed),
-                                          ("bf16", args.bf16))
+                                ("bf16", args.bf16))
               if v is not None}
     settings = demo.DemoSettings(output_dir=args.output_dir, **fields)
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Two CPU processes (torchrun, gloo DDP) train one model: same coins, one reduced constraint estimate, different
-samples, gradients averaged once and then clipped, equal parameters at the end. And l3m's sampling and log-prob pass
-on a model sharded with FSDP2 (``fully_shard``) over gloo: the unsharded model's responses and gradients."""
+samples, gradients averaged once and then clipped, equal parameters at the end. And FSDP2 over gloo: l3m's sampling
+and log-prob pass on a ``fully_shard`` model give the unsharded model's responses and gradients, and a Trainer run
+sharded by accelerate trains as the DDP run."""
 
 from __future__ import annotations
 
