@@ -52,10 +52,6 @@ def _packable(module: torch.nn.Module) -> bool:
             and "forward" not in vars(module))  # a forward already replaced (e.g. accelerate's hooks) is left alone
 
 
-def _bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 class _PackedForward:
     """A layer's forward within :func:`packed_linears`: float32 calls use a float32 packed weight, calls under CPU bf16
     autocast a bf16 packed weight and bias; each is packed at its first use. Any other call runs the layer as is."""
@@ -73,11 +69,12 @@ class _PackedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            if _bf16_autocast():
+            if not torch.is_autocast_enabled("cpu"):
+                if x.dtype == torch.float32:
+                    return torch.ops.mkldnn._linear_pointwise(x, *self._weights(torch.float32), "none", [], "")
+            elif torch.get_autocast_dtype("cpu") == torch.bfloat16:
                 return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), *self._weights(torch.bfloat16),
                                                           "none", [], "")
-            if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-                return torch.ops.mkldnn._linear_pointwise(x, *self._weights(torch.float32), "none", [], "")
         return F.linear(x, self.module.weight, self.module.bias)
 
 

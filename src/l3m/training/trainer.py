@@ -115,8 +115,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self.solver = build_solver(args)
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
-        self._pending_estimates: list[torch.Tensor] = []  # per micro-batch, against the training targets
-        self._pending_bound_estimates: list[torch.Tensor] = []  # the same against the user's bounds
+        # per micro-batch: the estimate against the training targets and against the user's bounds
+        self._pending_estimates: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
@@ -151,14 +151,11 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         if self.guard.end_step(step, skip):
             drop_gradients(model.parameters())
             self._pending_estimates.clear()
-            self._pending_bound_estimates.clear()
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            estimate = torch.stack(self._pending_estimates).mean(dim=0)
-            bound_estimate = torch.stack(self._pending_bound_estimates).mean(dim=0)
+            estimate, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
             self._pending_estimates.clear()
-            self._pending_bound_estimates.clear()
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers, estimates=estimate,
                                        bound_estimates=bound_estimate)
@@ -218,9 +215,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         estimate, confidence_terms = training_estimate(self.bounds, self.accelerator.gather(local_violations))
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
-        self._pending_estimates.append(estimate.detach().cpu())
-        self._pending_bound_estimates.append(self.accelerator.gather(violations(self.bounds, rewards).to(device))
-                                             .mean(dim=0).cpu())
+        bound_estimate = self.accelerator.gather(violations(self.bounds, rewards).to(device)).mean(dim=0)
+        self._pending_estimates.append((estimate.detach().cpu(), bound_estimate.cpu()))
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
