@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fixtures.scoring import brute_force_logps
-from fixtures.tiny import build_model, build_tokenizer
+from fixtures.tiny import WORDS, build_model, build_tokenizer
 from l3m.sampling import (completion_logps, length_normalized_logps, position_ids_from, prompt_cache, response_nll,
                           sample_completions)
 
@@ -290,3 +290,33 @@ def test_length_groups_keep_equal_lengths_together_and_set_a_long_response_apart
     lengths = torch.tensor([4, 5, 64, 3, 6, 4, 5, 2])
     groups = length_groups(lengths, prompts, prompt_tokens)
     assert groups[-1].tolist() == [2]  # the 64-token response alone; the others padded to 6, not 64
+
+
+def test_the_shared_prompt_gradient_is_the_same_bits_on_every_repeat():
+    """The G responses to a prompt share its KV cache and first logits (prompt_cache), so the backward adds G
+    gradients into each prompt's rows; the log-prob pass orders rows by length, so the repeats are interleaved.
+    Indexing added them with atomics on two threads, in an order that changed from run to run (and every demo L3M
+    ended elsewhere); the gradient must be the same bits every time. A vocabulary of 16k words makes the repeated
+    logits large enough for torch to split the adds between threads."""
+    from l3m.sampling import select_rows
+
+    tokenizer = build_tokenizer(words=WORDS + [f"x{i}" for i in range(16000)])
+    model = build_model(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    rows = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1] * 2)
+    assert torch.equal(select_rows(ids, rows), ids[rows])
+    weights = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        seen = set()
+        for _ in range(12):
+            model.zero_grad()
+            cache, logits = prompt_cache(model, ids, mask, rows)
+            outputs = [logits] + [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            weights.manual_seed(0)
+            sum((t * torch.randn(t.shape, generator=weights)).sum() for t in outputs).backward()
+            seen.add(b"".join(p.grad.numpy().tobytes() for p in model.parameters()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1

@@ -59,8 +59,22 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pro
                 use_cache=True, logits_to_keep=1)
     if out.cache is None:
         return None
-    out.cache.batch_select_indices(prompt_of_row)
-    return out.cache, out.logits[prompt_of_row]
+    for layer in out.cache.layers:
+        if layer.get_seq_length() > 0:
+            layer.keys, layer.values = select_rows(layer.keys, prompt_of_row), select_rows(layer.values, prompt_of_row)
+    return out.cache, select_rows(out.logits, prompt_of_row)
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` whose gradient is the same bits on every run when ``rows`` repeats rows.
+
+    On CPU the backward of indexing adds the repeated rows' gradients with atomic adds in parallel, in an order that
+    changes from run to run with two threads or more (it made every L3M run differ from the last: the log-prob pass
+    backpropagates through each shared prompt once per response). ``index_select``'s backward adds them in order. On
+    other devices indexing stays: under ``torch.use_deterministic_algorithms`` torch sorts its backward there, where
+    ``index_select``'s backward would raise.
+    """
+    return x.index_select(0, rows) if x.device.type == "cpu" else x[rows]
 
 
 def eos_ids(tokenizer, model) -> list[int]:
