@@ -282,8 +282,13 @@ def test_the_demos_constraint_kind_reaches_training_and_a_bad_one_fails_before_a
     from l3m.parsing import L3MParser
 
     (parsed,) = L3MParser((DemoSettings,)).parse(["--kind", "chance", "--epsilon", "0.1", "--confidence", "none"])
-    (training,) = DEMO_RUNS[2].constraints(parsed.confidence, parsed.margin, parsed.kind, parsed.epsilon)
+    (training,) = DEMO_RUNS[2].constraints(**parsed.constraint_options())
     assert (training.kind, training.epsilon, training.confidence) == ("chance", 0.1, None)
     assert DEMO_RUNS[2].constraints()[0].kind == "expectation"  # what the demo evaluates with
+    (parsed,) = L3MParser((DemoSettings,)).parse(["--kind", "uniform", "--delta", "1"])
+    (training,) = DEMO_RUNS[2].constraints(**parsed.constraint_options())
+    assert (training.kind, training.delta, training.confidence) == ("uniform", 1.0, 0.975)
     with pytest.raises(L3MConfigError, match=r"epsilon: required for kind: chance"):
         L3MParser((DemoSettings,)).parse(["--kind", "chance"])
+    with pytest.raises(L3MConfigError, match=r"delta: must be >= 0"):
+        L3MParser((DemoSettings,)).parse(["--kind", "uniform", "--delta", "-1"])

@@ -28,15 +28,14 @@ class DemoRun:
     max_steps: int | None = None  # optimizer steps; defaults to the settings' value; 0 evaluates the initial model
     match_objective_steps: bool = False  # train for as many steps as an L3M run takes objective steps
 
-    def constraints(self, confidence: float | None = None, margin: float | None = None, kind: str = "expectation",
-                    epsilon: float | None = None) -> list[Constraint]:
-        """The run's length constraint, with the demo's satisfaction target in training (``confidence``,
-        ``margin``; docs/solver.md) and of the training's ``kind`` (evaluation judges the mean: the default
-        arguments); none for an unconstrained run."""
+    def constraints(self, **options) -> list[Constraint]:
+        """The run's length constraint; ``options`` are the training's :class:`Constraint` fields
+        (:meth:`DemoSettings.constraint_options`: satisfaction target and kind; evaluation judges the mean, with none);
+        none for an unconstrained run."""
         if self.length_min is None and self.length_max is None:
             return []
         return [Constraint(reward="length_tokens", min=self.length_min, max=self.length_max, name="length",
-                           confidence=confidence, margin=margin, kind=kind, epsilon=epsilon)]
+                           **options)]
 
 
 DEMO_RUNS = (
@@ -69,11 +68,15 @@ class DemoSettings(RunSettings):
     margin: float | None = field(default=None, metadata={
         "help": "Room in tokens kept inside each length bound in training (docs/solver.md); 'none' for none."})
     kind: str = field(default="expectation", metadata={
-        "help": "Kind of every L3M's length constraint in training: expectation (the mean inside the range) or "
-                "chance (at least 1 - epsilon of the responses inside it; pair with --confidence none). The table "
-                "judges the held-out mean either way."})
+        "help": "Kind of every L3M's length constraint in training: expectation (the mean inside the range), "
+                "chance (at least 1 - epsilon of the responses inside it; pair with --confidence none) or uniform "
+                "(responses' mean distance outside each bound at most delta tokens). The table judges the held-out "
+                "mean."})
     epsilon: float | None = field(default=None, metadata={
         "help": "With --kind chance: the allowed fraction of responses outside each bound, e.g. 0.1."})
+    delta: float | None = field(default=None, metadata={
+        "help": "With --kind uniform: the allowed mean distance outside each bound, in tokens (default 0: every "
+                "sampled response inside)."})
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
@@ -82,7 +85,11 @@ class DemoSettings(RunSettings):
         if self.max_completion_length is None:
             self.max_completion_length = self.eval_max_new_tokens
         for run in DEMO_RUNS:  # a bad constraint option fails here, not after the first runs have trained
-            run.constraints(self.confidence, self.margin, self.kind, self.epsilon)
+            run.constraints(**self.constraint_options())
+
+    def constraint_options(self) -> dict:
+        """The :class:`Constraint` fields every L3M's length constraint is trained with."""
+        return {key: getattr(self, key) for key in ("confidence", "margin", "kind", "epsilon", "delta")}
 
 
 def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None]:
@@ -127,7 +134,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
         args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
-        constraints = run.constraints(settings.confidence, settings.margin, settings.kind, settings.epsilon)
+        constraints = run.constraints(**settings.constraint_options())
         result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
                                     constraints=constraints, eval_constraints=run.constraints() or _length_probe(),
                                     eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
