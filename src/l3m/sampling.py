@@ -59,22 +59,14 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pro
                 use_cache=True, logits_to_keep=1)
     if out.cache is None:
         return None
+    # index_select, not indexing: with rows repeated and interleaved, the CPU backward of indexing adds the repeats
+    # with parallel atomic adds, in an order that changed from run to run on two threads (and so did every L3M run's
+    # outcome); index_select's backward adds them in order (on CUDA, in order under torch's deterministic mode).
     for layer in out.cache.layers:
         if layer.get_seq_length() > 0:
-            layer.keys, layer.values = select_rows(layer.keys, prompt_of_row), select_rows(layer.values, prompt_of_row)
-    return out.cache, select_rows(out.logits, prompt_of_row)
-
-
-def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` whose gradient is the same bits on every run when ``rows`` repeats rows.
-
-    On CPU the backward of indexing adds the repeated rows' gradients with atomic adds in parallel, in an order that
-    changes from run to run with two threads or more (it made every L3M run differ from the last: the log-prob pass
-    backpropagates through each shared prompt once per response). ``index_select``'s backward adds them in order. On
-    other devices indexing stays: under ``torch.use_deterministic_algorithms`` torch sorts its backward there, where
-    ``index_select``'s backward would raise.
-    """
-    return x.index_select(0, rows) if x.device.type == "cpu" else x[rows]
+            layer.keys = layer.keys.index_select(0, prompt_of_row)
+            layer.values = layer.values.index_select(0, prompt_of_row)
+    return out.cache, out.logits.index_select(0, prompt_of_row)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
