@@ -104,3 +104,34 @@ def test_the_trainer_judges_its_summary_against_the_users_bound(tmp_path, caplog
     assert record.levelno == logging.INFO
     assert "satisfied at the last constraint step: mean reward " in record.getMessage()
     assert "bound <= 1000; training target (margin 999) not met" in record.getMessage()
+
+
+def test_a_range_whose_two_targets_meet_in_the_middle_is_said_once(caplog):
+    """confidence 0.975 on [13, 30]: 16 lengths spread like the demo's (s.e. above 4.3) cap both sides' z * s.e. at
+    half the range, so both targets are 21.5; the monitor says so once, naming the range and the way out. A step
+    whose terms stay below the cap, or a one-sided bound (no cap), says nothing."""
+    from l3m.constraints import training_estimate, violations
+
+    constraint = Constraint("length_tokens", min=13, max=30, confidence=0.975, name="length")
+    bounds, monitor = constraint.bounds(), InfeasibilityMonitor(constraint.bounds(), patience=100)
+
+    def observe(step, lengths):
+        estimate, terms = training_estimate(bounds, violations(bounds, {"length": torch.tensor(lengths)}, target=True))
+        monitor.observe(step, estimate, torch.ones(2), estimates=estimate, confidence_terms=terms)
+
+    with caplog.at_level(logging.WARNING, logger="l3m"):
+        observe(0, [20.0, 23.0] * 8)  # s.e. 0.39: targets 13.8 and 29.2, a band
+        assert not caplog.records
+        for step in (1, 2):
+            observe(step, [5.0, 64.0, 9.0, 12.0] * 4)  # s.e. 6.3: capped at 8.5 on both sides
+    (record,) = caplog.records
+    assert record.getMessage() == ("Constraint length: at step 1 the confidence terms (z * s.e.) reached half the "
+                                   "range [13, 30], so both training targets sat at its middle, 21.5, which one side "
+                                   "always misses; lower the confidence, widen the range or sample more responses "
+                                   "per step")
+    one_sided = Constraint("length_tokens", max=8, confidence=0.975, name="short").bounds()
+    monitor = InfeasibilityMonitor(one_sided, patience=100)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="l3m"):
+        monitor.observe(0, torch.ones(1), torch.ones(1), confidence_terms=torch.tensor([50.0]))
+    assert not caplog.records

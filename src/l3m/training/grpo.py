@@ -217,7 +217,7 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             self._pending.clear()
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate,
-                                       bound_estimates=bound_estimate)
+                                       bound_estimates=bound_estimate, confidence_terms=terms)
             for i, bound in enumerate(self.bounds):
                 for key, value in target_metrics(bound, terms[i].item()).items():
                     metrics[key].append(value)

@@ -136,12 +136,15 @@ class InfeasibilityMonitor:
         self.last_estimates: list[float] | None = None  # the last constraint step's own estimate (training target)
         self.last_bound_estimates: list[float] | None = None  # the same against the user's bounds
         self.last_multipliers: list[float] | None = None
+        self.collapsed_ranges: set[str] = set()  # ranges whose two targets have met in the middle (warned once)
 
     def observe(self, step: int, values: torch.Tensor, multipliers: torch.Tensor,
-                estimates: torch.Tensor | None = None, bound_estimates: torch.Tensor | None = None) -> None:
+                estimates: torch.Tensor | None = None, bound_estimates: torch.Tensor | None = None,
+                confidence_terms: torch.Tensor | None = None) -> None:
         """Record one constraint step: the smoothed values ``(K,)``, the multipliers it used ``(K,)``, its own
         estimate ``(K,)`` against the training targets (the smoothed values when not given) and against the user's
-        bounds (the same as the training targets' when not given: no margin or confidence)."""
+        bounds (the same as the training targets' when not given: no margin or confidence), and the confidence terms
+        it included (:func:`l3m.constraints.training_estimate`)."""
         self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
         self.last_estimates = self.last_values if estimates is None else estimates.tolist()
         self.last_bound_estimates = self.last_estimates if bound_estimates is None else bound_estimates.tolist()
@@ -150,6 +153,25 @@ class InfeasibilityMonitor:
             if self.violated_steps[i] == self.patience:
                 logger.warning("Constraint %s may be infeasible: %s", bound.name, self._describe(i) +
                                f" (step {step}); check its target, or give the run more steps")
+        if confidence_terms is not None:
+            self._warn_collapsed_ranges(step, confidence_terms.tolist())
+
+    def _warn_collapsed_ranges(self, step: int, terms: list[float]) -> None:
+        """Once per range: both sides' confidence terms at their cap (:attr:`Bound.confidence_room`) put both
+        training targets at the middle of the range, a one-point target that one side or the other always misses,
+        so the barrier's multipliers switch between the two sides (docs/solver.md)."""
+        capped: dict[str, int] = {}
+        for bound, term in zip(self.bounds, terms):
+            if term >= bound.confidence_room * (1 - 1e-6):
+                capped[bound.constraint.name] = capped.get(bound.constraint.name, 0) + 1
+        for name in sorted(capped.keys() - self.collapsed_ranges):
+            if capped[name] == 2:
+                self.collapsed_ranges.add(name)
+                c = next(b.constraint for b in self.bounds if b.constraint.name == name)
+                logger.warning("Constraint %s: at step %d the confidence terms (z * s.e.) reached half the range "
+                               "[%g, %g], so both training targets sat at its middle, %g, which one side always "
+                               "misses; lower the confidence, widen the range or sample more responses per step",
+                               name, step, c.min, c.max, (c.min + c.max) / 2)
 
     def _last_step(self, i: int) -> str:
         """The last constraint step in the words of the kind: against the bound, and the training target's state

@@ -115,8 +115,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self.solver = build_solver(args)
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
-        # per micro-batch: the estimate against the training targets and against the user's bounds
-        self._pending_estimates: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per micro-batch: the estimate against the training targets and against the user's bounds, the confidence terms
+        self._pending_estimates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
@@ -154,11 +154,11 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            estimate, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
+            estimate, bound_estimate, terms = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
             self._pending_estimates.clear()
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers, estimates=estimate,
-                                       bound_estimates=bound_estimate)
+                                       bound_estimates=bound_estimate, confidence_terms=terms)
         self._metric_marks = None
         self._metrics["step/constraint"].append(float(self._constraint_step))
         if self.bounds:
@@ -216,7 +216,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
         bound_estimate = self.accelerator.gather(violations(self.bounds, rewards).to(device)).mean(dim=0)
-        self._pending_estimates.append((estimate.detach().cpu(), bound_estimate.cpu()))
+        self._pending_estimates.append((estimate.detach().cpu(), bound_estimate.cpu(), confidence_terms.cpu()))
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
