@@ -109,7 +109,8 @@ def test_the_trainer_judges_its_summary_against_the_users_bound(tmp_path, caplog
 def test_a_range_whose_two_targets_meet_in_the_middle_is_said_once(caplog):
     """confidence 0.975 on [13, 30]: 16 lengths spread like the demo's (s.e. above 4.3) cap both sides' z * s.e. at
     half the range, so both targets are 21.5; the monitor says so once, naming the range and the way out. A step
-    whose terms stay below the cap, or a one-sided bound (no cap), says nothing."""
+    whose terms stay below the cap, a one-sided bound (no cap) or a range made a point by its margin alone (no
+    confidence) says nothing."""
     from l3m.constraints import training_estimate, violations
 
     constraint = Constraint("length_tokens", min=13, max=30, confidence=0.975, name="length")
@@ -129,9 +130,10 @@ def test_a_range_whose_two_targets_meet_in_the_middle_is_said_once(caplog):
                                    "range [13, 30], so both training targets sat at its middle, 21.5, which one side "
                                    "always misses; lower the confidence, widen the range or sample more responses "
                                    "per step")
-    one_sided = Constraint("length_tokens", max=8, confidence=0.975, name="short").bounds()
-    monitor = InfeasibilityMonitor(one_sided, patience=100)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="l3m"):
-        monitor.observe(0, torch.ones(1), torch.ones(1), confidence_terms=torch.tensor([50.0]))
+        one_sided = Constraint("length_tokens", max=8, confidence=0.975, name="short").bounds()
+        InfeasibilityMonitor(one_sided, 100).observe(0, torch.ones(1), torch.ones(1), confidence_terms=torch.ones(1))
+        point = Constraint("length_tokens", min=4, max=6, margin=1, name="point").bounds()  # a point, no confidence
+        InfeasibilityMonitor(point, 100).observe(0, torch.ones(2), torch.ones(2), confidence_terms=torch.zeros(2))
     assert not caplog.records

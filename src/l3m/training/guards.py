@@ -162,7 +162,7 @@ class InfeasibilityMonitor:
         so the barrier's multipliers switch between the two sides (docs/solver.md)."""
         capped: dict[str, int] = {}
         for bound, term in zip(self.bounds, terms):
-            if term >= bound.confidence_room * (1 - 1e-6):
+            if bound.constraint.z > 0 and term >= bound.confidence_room * (1 - 1e-6):
                 capped[bound.constraint.name] = capped.get(bound.constraint.name, 0) + 1
         for name in sorted(capped.keys() - self.collapsed_ranges):
             if capped[name] == 2:
