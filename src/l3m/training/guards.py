@@ -159,7 +159,7 @@ class InfeasibilityMonitor:
     def _warn_collapsed_ranges(self, step: int, terms: list[float]) -> None:
         """Once per range: both sides' confidence terms at their cap (:attr:`Bound.confidence_room`) put both
         training targets at the middle of the range, a one-point target that one side or the other always misses,
-        so the barrier's multipliers switch between the two sides (docs/solver.md)."""
+        so the barrier's multipliers switch between the two sides (docs/reliability.md, docs/demo.md)."""
         capped: dict[str, int] = {}
         for bound, term in zip(self.bounds, terms):
             if bound.constraint.z > 0 and term >= bound.confidence_room * (1 - 1e-6):
