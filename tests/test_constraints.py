@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from l3m.confidence import training_estimate
 from l3m.constraints import (Bound, Constraint, compute_rewards, parse_constraints, satisfied_mask,
-                             surrogate_violations, target_metrics, training_estimate, violations)
+                             surrogate_violations, target_metrics, violations)
 from l3m.training.reinforce import constraint_advantages
 from l3m.errors import L3MConfigError
 from l3m.rewards import REWARD_REGISTRY, length_chars, length_tokens, length_words, resolve_reward

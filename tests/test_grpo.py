@@ -131,7 +131,8 @@ class StopAt(TrainerCallback):
 
 @pytest.mark.parametrize("solver", ["l3m", "mm"])
 def test_resume_after_an_interruption_continues_the_solver_exactly(tmp_path, solver):
-    constraint, extra = [Constraint("length_tokens", min=2, max=5, name="length")], dict(solver=solver, dual_lr=0.1)
+    constraint = [Constraint("length_tokens", min=2, max=5, name="length", confidence=0.9)]
+    extra = dict(solver=solver, dual_lr=0.1, dual_ema_smoothing=0.5)  # mm's confidence term on its EMA too
     straight = make_grpo(tmp_path / "straight", constraints=constraint, max_steps=6, **extra)
     straight.train()
 
@@ -146,6 +147,7 @@ def test_resume_after_an_interruption_continues_the_solver_exactly(tmp_path, sol
     resumed = make_grpo(tmp_path / "resumed", constraints=constraint, max_steps=6, **extra)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.solver.state_dict() == straight.solver.state_dict()
+    assert resumed.confidence.state_dict() == straight.confidence.state_dict() != first.confidence.state_dict()
     assert resumed.solver.state_dict() != first.solver.state_dict()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # bit-for-bit on CPU

@@ -74,7 +74,8 @@ def test_old_monitor_states_load():
 def test_a_step_that_meets_the_bound_but_not_its_confidence_target_is_satisfied_with_the_target_said_beside():
     """confidence 0.975 trains towards mean + 1.96 s.e. <= 8: 16 responses of mean 7 with a wide spread meet the
     user's bound (the summary says satisfied, which the trainer logs at INFO) and not that target (said beside)."""
-    from l3m.constraints import training_estimate, violations
+    from l3m.confidence import training_estimate
+    from l3m.constraints import violations
 
     constraint = Constraint("length_tokens", max=8, confidence=0.975, name="length")
     bounds, monitor = constraint.bounds(), InfeasibilityMonitor(constraint.bounds(), patience=100)
@@ -111,7 +112,8 @@ def test_a_range_whose_two_targets_meet_in_the_middle_is_said_once(caplog):
     half the range, so both targets are 21.5; the monitor says so once, naming the range and the way out. A step
     whose terms stay below the cap, a one-sided bound (no cap) or a range made a point by its margin alone (no
     confidence) says nothing."""
-    from l3m.constraints import training_estimate, violations
+    from l3m.confidence import training_estimate
+    from l3m.constraints import violations
 
     constraint = Constraint("length_tokens", min=13, max=30, confidence=0.975, name="length")
     bounds, monitor = constraint.bounds(), InfeasibilityMonitor(constraint.bounds(), patience=100)

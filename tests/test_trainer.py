@@ -185,7 +185,7 @@ def test_same_seed_gives_same_coins_and_weights(tmp_path):
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    constraint = [Constraint("length_tokens", min=2, max=5, name="length")]
+    constraint = [Constraint("length_tokens", min=2, max=5, name="length", confidence=0.9)]
     straight = _trainer(tmp_path / "straight", constraints=constraint, max_steps=16)
     straight.train()
 
@@ -195,10 +195,12 @@ def test_resume_continues_the_same_run(tmp_path):
     with open(os.path.join(checkpoint, SOLVER_STATE_NAME)) as f:
         saved = json.load(f)
     assert saved["global_step"] == 8 and saved["multipliers"]["ema"] is not None
+    assert saved["confidence"]["variance"] is not None  # the running estimate's variance (l3m.confidence)
 
     resumed = _trainer(tmp_path / "resumed", constraints=constraint, max_steps=16, save_strategy="steps", save_steps=8)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.solver.ema.tolist() == straight.solver.ema.tolist()
+    assert resumed.confidence.state_dict() == straight.confidence.state_dict()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # bit-for-bit on CPU
 

@@ -16,10 +16,9 @@ samples fail, so the gradient follows the smoothed indicator ``sigmoid(m / indic
 
 A satisfaction target (issue 15): training aims inside the user's bound, evaluation judges against the bound itself.
 ``margin`` moves each threshold inward by that many reward units (``m - margin`` in training); ``confidence`` adds
-``z * s.e.`` to each step's estimate of ``C`` (:func:`training_estimate`), ``z`` the standard normal quantile of the
-confidence and s.e. the standard error of the step's own estimate from its samples' spread. On a range (an
-expectation with ``min`` and ``max``) the term is capped at what keeps the two targets from crossing: at most to the
-range's middle.
+``z * s.e.`` to the estimate of ``C`` the solver follows, ``z`` the standard normal quantile of the confidence and s.e.
+that estimate's standard error, from the samples' spread (:mod:`l3m.confidence`). On a range (an expectation with
+``min`` and ``max``) the term is capped at what keeps the two targets from crossing: at most to the range's middle.
 
 Shapes: N sampled responses, K one-sided bounds.
 """
@@ -62,10 +61,10 @@ class Constraint:
             whose gradient the constraint steps follow, in reward units (> 0).
         margin: room kept inside each bound during training, in reward units (>= 0; default 0): training
             targets ``min + margin`` and ``max - margin``; evaluation and reports judge against ``min``/``max``.
-        confidence: in [0.5, 1): each training step's estimate of ``C`` is raised by ``z * s.e.``, the standard
-            normal quantile of ``confidence`` times the standard error of the step's estimate (its samples'
-            standard deviation over the square root of their count), so that the solver stops at a bound the
-            policy's true value clears with about that probability (docs/solver.md, "Satisfaction targets").
+        confidence: in [0.5, 1): the estimate of ``C`` the solver follows is raised by ``z * s.e.``, the standard
+            normal quantile of ``confidence`` times that estimate's standard error (of the barrier's EMA over
+            steps, from each step's samples' spread; :mod:`l3m.confidence`), so that the solver stops at a bound
+            the policy's true value clears with about that probability (docs/solver.md, "Satisfaction targets").
     """
 
     reward: str | RewardFunc
@@ -320,20 +319,6 @@ def violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor], target
     ``(N, K)``: their mean over samples estimates ``C_i`` (``<= 0`` is satisfied), see :meth:`Bound.values`;
     with ``target``, against the training targets (each bound's ``margin``)."""
     return torch.stack([b.values(rewards[b.constraint.name], target) for b in bounds], dim=1)
-
-
-def training_estimate(bounds: Sequence[Bound], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training step's ``(K,)`` estimate of ``C`` from its ``(N, K)`` per-sample terms (against the targets), and
-    the ``(K,)`` confidence terms it includes: ``mean + z * std / sqrt(N)`` per bound, ``z`` from the bound's
-    ``confidence`` (0 without one; the term is 0 when N < 2 or z = 0), at most the bound's
-    :attr:`Bound.confidence_room`."""
-    estimate = values.mean(dim=0)
-    z = torch.tensor([b.constraint.z for b in bounds], dtype=values.dtype, device=values.device)
-    room = torch.tensor([b.confidence_room for b in bounds], dtype=values.dtype, device=values.device)
-    n = values.shape[0]
-    spread = values.std(dim=0) / math.sqrt(n) if n > 1 else torch.zeros_like(estimate)
-    terms = torch.where(z > 0, z * spread, torch.zeros_like(estimate)).minimum(room)
-    return estimate + terms, terms
 
 
 def surrogate_violations(bounds: Sequence[Bound], rewards: dict[str, torch.Tensor]) -> torch.Tensor:

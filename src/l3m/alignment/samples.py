@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from l3m.constraints import Bound, Constraint, compute_rewards, training_estimate, violations
+from l3m.confidence import training_estimate
+from l3m.constraints import Bound, Constraint, compute_rewards, violations
 from l3m.data import left_pad
 from l3m.errors import L3MConfigError, L3MDataError
 from l3m.files import write_jsonl
@@ -106,7 +107,7 @@ class Samples:
         Each bound's target is moved inward by its constraint's ``margin`` and, with a ``confidence``, by ``z`` times
         this pass's standard error (over prompt means, as :func:`mean_and_se`; at most
         :attr:`l3m.constraints.Bound.confidence_room`), as l3m's trainer tightens a step's estimate
-        (:func:`l3m.constraints.training_estimate`). The dual math of CAID takes this slack; records and evaluation
+        (:func:`l3m.confidence.training_estimate`). The dual math of CAID takes this slack; records and evaluation
         judge ``slack`` (against the bounds themselves). Without margin or confidence the two are equal."""
         m, n = self.objective.shape
         flat = {name: values.reshape(-1) for name, values in self.rewards.items()}

@@ -43,6 +43,13 @@ class Solver(ABC):
     def estimate(self) -> torch.Tensor | None:
         """The ``(K,)`` smoothed estimate of :math:`C` the solver works from (logged), or None before any update."""
 
+    @property
+    def estimate_smoothing(self) -> float:
+        """The weight of a step's estimate in the running estimate the multipliers follow: the solver's
+        ``ema_smoothing`` if it keeps an EMA of the estimates, else 1 (each step's own). A ``confidence`` term is
+        ``z`` standard errors of that running estimate (:class:`l3m.confidence.RunningConfidence`)."""
+        return getattr(self, "ema_smoothing", 1.0)
+
     def step_metrics(self, step: int, total_steps: int) -> dict[str, float]:
         """Metrics of optimizer step ``step`` of ``total_steps`` (the trainer averages them over the logging interval)."""
         return {}

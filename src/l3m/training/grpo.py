@@ -24,8 +24,9 @@ from accelerate.utils import gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
+from l3m.confidence import RunningConfidence, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
-                             target_metrics, training_estimate, violations)
+                             target_metrics, violations)
 from l3m.errors import L3MConfigError, L3MDataError
 from l3m.hardware import warn_slow_bf16
 from l3m.rewards import resolve_reward
@@ -140,7 +141,9 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
                             self.accelerator.device)
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
-        # per scored batch: (estimate, lambda, satisfied fraction, confidence terms, estimate against the user's bounds)
+        self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
+        # per scored batch: (mean against the targets, its squared s.e., lambda, satisfied fraction, mean against the
+        # user's bounds)
         self._pending: list[tuple[torch.Tensor, ...]] = []
 
     def _objective(self, specs) -> list:
@@ -184,15 +187,15 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             self._batch.text = self._batch.columns = None
         if torch.isinf(rewards_per_func[:, : len(self._objective_weights)]).any():
             self.guard.flag("objective reward")
-        # against the training targets; plus z * s.e. for a confidence (l3m.constraints.training_estimate)
-        estimate, terms = (x.cpu() for x in training_estimate(
-            self.bounds, gather(violations(self.bounds, rewards, target=True).to(device))))
+        # against the training targets; plus z standard errors of the running estimate for a confidence (l3m.confidence)
+        mean, variance = step_statistics(gather(violations(self.bounds, rewards, target=True).to(device)))
+        estimate, _ = self.confidence.estimate(mean, variance)
         if torch.isfinite(estimate).all():
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
                 bound_estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
-                self._pending.append((estimate, multipliers, satisfied, terms, bound_estimate))
+                self._pending.append((mean, variance, multipliers, satisfied, bound_estimate))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -211,17 +214,18 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            estimate, multipliers, satisfied, terms, bound_estimate = (torch.stack(x).mean(dim=0)
-                                                                       for x in zip(*self._pending))
-            multipliers = self._pending[-1][1]  # the weights the step's rewards used
+            mean, variance, _, satisfied, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending))
+            variance = variance / len(self._pending)  # the squared s.e. of the scored batches' mean
+            multipliers = self._pending[-1][2]  # the weights the step's rewards used
             self._pending.clear()
+            estimate, terms = self.confidence.update_(mean, variance)
             self.solver.update_(estimate)
-            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=estimate,
+            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=mean + terms,
                                        bound_estimates=bound_estimate, confidence_terms=terms)
             for i, bound in enumerate(self.bounds):
                 for key, value in target_metrics(bound, terms[i].item()).items():
                     metrics[key].append(value)
-                metrics[f"constraints/{bound.name}/value"].append(estimate[i].item())
+                metrics[f"constraints/{bound.name}/value"].append((mean + terms)[i].item())
                 metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
                 metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[i].item())
         if self.bounds:

@@ -144,7 +144,7 @@ class InfeasibilityMonitor:
         """Record one constraint step: the smoothed values ``(K,)``, the multipliers it used ``(K,)``, its own
         estimate ``(K,)`` against the training targets (the smoothed values when not given) and against the user's
         bounds (the same as the training targets' when not given: no margin or confidence), and the confidence terms
-        it included (:func:`l3m.constraints.training_estimate`)."""
+        it included (:mod:`l3m.confidence`)."""
         self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
         self.last_estimates = self.last_values if estimates is None else estimates.tolist()
         self.last_bound_estimates = self.last_estimates if bound_estimates is None else bound_estimates.tolist()

@@ -3,8 +3,9 @@ and stopping cleanly on a signal or on too many non-finite steps.
 
 :class:`SolverTrainerMixin` goes before the Trainer class in the bases of :class:`l3m.L3MTrainer` (SFT objective) and
 :class:`l3m.ConstrainedGRPOTrainer` (reward objective, TRL's ``GRPOTrainer``). It expects ``self.solver``,
-``self.bounds``, ``self.guard`` (:class:`~l3m.training.guards.NonFiniteGuard`) and ``self.infeasibility``
-(:class:`~l3m.training.guards.InfeasibilityMonitor`), set by the trainer's ``__init__``.
+``self.bounds``, ``self.guard`` (:class:`~l3m.training.guards.NonFiniteGuard`), ``self.infeasibility``
+(:class:`~l3m.training.guards.InfeasibilityMonitor`) and ``self.confidence``
+(:class:`~l3m.confidence.RunningConfidence`), set by the trainer's ``__init__``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class SolverTrainerMixin:
         return {"solver": self.args.solver, "multipliers": self.solver.state_dict(),
                 "global_step": self.state.global_step, "constraints": [b.name for b in self.bounds],
                 "guard": self.guard.state_dict(), "infeasibility": self.infeasibility.state_dict(),
-                **self.solver_state_extras()}
+                "confidence": self.confidence.state_dict(), **self.solver_state_extras()}
 
     def solver_state_extras(self) -> dict:
         """What a trainer saves with the solver state besides the common fields."""
@@ -183,3 +184,5 @@ class SolverTrainerMixin:
         self.solver.load_state_dict(state["multipliers"])
         if "infeasibility" in state:
             self.infeasibility.load_state_dict(state["infeasibility"])
+        if "confidence" in state:  # checkpoints from before it was kept start its variance afresh
+            self.confidence.load_state_dict(state["confidence"])
