@@ -104,3 +104,22 @@ def test_on_a_range_the_running_term_stops_at_the_middle_and_the_ema_holds_the_c
     # the calm step has V = (1/4)(1/4 + 1/4) s.e.^2 behind it: below the cap again
     assert terms[2] == pytest.approx([c.z * spread_se / math.sqrt(8)] * 2, rel=1e-5)
     assert confidence_terms(bounds, torch.zeros(2)).tolist() == [0.0, 0.0]
+
+
+def test_with_several_responses_per_prompt_the_standard_error_is_that_of_the_prompts_means():
+    """4 prompts x 4 responses, each prompt with its own level (sd 3) and responses around it (sd 1): over 20,000
+    simulated steps the step mean's variance is what the prompt-mean formula estimates on average, while taking the 16
+    responses as independent estimates about a third of it."""
+    prompts, group, steps = 4, 4, 20_000
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.randn(steps, prompts, 1, generator=generator) * 3
+    values = (levels + torch.randn(steps, prompts, group, generator=generator)).view(steps, prompts * group, 1)
+    grouped = torch.stack([step_statistics(v, group_size=group)[1] for v in values])
+    independent = torch.stack([step_statistics(v)[1] for v in values])
+    actual = values.mean(dim=1).var().item()  # (9 + 1/4) / 4 = 2.31
+    assert grouped.mean().item() == pytest.approx(actual, rel=0.03)
+    assert independent.mean().item() < 0.4 * actual
+    one_prompt = values[0, :group]  # one group: no spread of prompt means to take, the responses' own
+    torch.testing.assert_close(step_statistics(one_prompt, group_size=group)[1], one_prompt.var(dim=0) / group)
+    with pytest.raises(ValueError, match="not groups of 4"):
+        step_statistics(values[0, :6], group_size=4)

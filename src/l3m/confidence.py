@@ -4,7 +4,8 @@ A constraint with ``confidence`` trains towards ``C + z * s.e. <= 0`` (issue 15;
 standard normal quantile of the confidence. Which estimate's standard error depends on what the multipliers follow:
 
 - a step's own estimate, the mean of its ``N`` per-sample terms ``c`` (CAID's passes, ``lagged_dual``, ``mm`` with
-  its default ``dual_ema_smoothing: 1``): s.e.² = ``var(c) / N`` (:func:`training_estimate`);
+  its default ``dual_ema_smoothing: 1``): s.e.² = ``var(c) / N``, or with ``G`` responses to each of ``P`` prompts
+  the variance of the prompts' means over ``P`` (:func:`step_statistics`, :func:`training_estimate`);
 - the exponential moving average of those means (the ``l3m`` barrier, Sec. 5.4, and ``mm`` with a smoothing
   ``a < 1``): ``EMA_t = (1 - a) EMA_{t-1} + a mean_t`` has, for independent steps, the variance
   ``V_t = (1 - a)² V_{t-1} + a² s.e._t²`` (seeded like the EMA, with the first step's), i.e. ``a / (2 - a)`` of a
@@ -26,12 +27,22 @@ import torch
 from l3m.constraints import Bound
 
 
-def step_statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(K,)`` mean of a step's ``(N, K)`` per-sample terms and its ``(K,)`` squared standard error,
-    ``var(c) / N`` (0 with one sample), both as CPU float32."""
+def step_statistics(values: torch.Tensor, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(K,)`` mean of a step's ``(N, K)`` per-sample terms and its ``(K,)`` squared standard error, both as
+    CPU float32.
+
+    With ``group_size`` G > 1 the rows are ``P = N / G`` groups of G consecutive responses to one prompt (the order
+    the trainers sample in). Responses to one prompt are alike, so they are not N independent samples: the squared
+    s.e. is that of the P prompts' means, ``var(prompt means) / P``. With one group (or G = 1) it is
+    ``var(c) / N``, the responses taken as independent (0 with one response)."""
     values = values.detach().float().cpu()
     n = values.shape[0]
     mean = values.mean(dim=0)
+    if group_size > 1 and n > group_size:
+        if n % group_size:
+            raise ValueError(f"{n} responses are not groups of {group_size}")
+        prompt_means = values.view(n // group_size, group_size, -1).mean(dim=1)
+        return mean, prompt_means.var(dim=0) / prompt_means.shape[0]
     return mean, (values.var(dim=0) / n if n > 1 else torch.zeros_like(mean))
 
 

@@ -43,7 +43,8 @@ class SolverConfig:
     mu_init: float = field(default=1.0, metadata={"help": "Initial log-barrier parameter mu (App. A: 1)."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter mu (App. A: 1e-6)."})
     ema_smoothing: float = field(
-        default=0.1, metadata={"help": "Weight of the newest estimate in the EMA of each constraint value (Sec. 5.4)."}
+        default=0.1, metadata={"help": "Weight of the newest estimate in the EMA of each constraint value (Sec. 5.4); "
+                                       "a constraint's confidence term is z standard errors of this EMA."}
     )
     dual_lr: float = field(
         default=0.05,
@@ -144,7 +145,8 @@ class L3MConfig(SolverConfig, TrainingArguments):
         constraints. Empty means plain SFT.
     mu_init (`float`, defaults to `1.0`) / mu_final (`float`, defaults to `1e-6`): the barrier parameter decays
         exponentially from ``mu_init`` to ``mu_final`` over the planned optimizer steps (App. A).
-    ema_smoothing (`float`, defaults to `0.1`): weight of a new estimate in the EMA of each constraint value.
+    ema_smoothing (`float`, defaults to `0.1`): weight of a new estimate in the EMA of each constraint value; a
+        constraint's ``confidence`` term is ``z`` standard errors of this EMA (:mod:`l3m.confidence`).
     objective_step_probability (`float`, defaults to `0.5`): probability that an optimizer step is an objective
         step rather than a constraint step (the fair coin of Sec. 5.4).
     step_schedule (`str`, defaults to `"alternate"`): how the two kinds are spread over the steps

@@ -63,8 +63,8 @@ class DemoSettings(RunSettings):
     # Without a target an expectation constraint ends on its bound, and the held-out mean within about a standard
     # error of it on either side (README): the lengthening range then needed 8 samples per prompt to end inside.
     confidence: float | None = field(default=0.975, metadata={
-        "help": "Satisfaction target of every L3M's length constraint: each step's estimate is raised by z * s.e. "
-                "(docs/solver.md); 'none' for none."})
+        "help": "Satisfaction target of every L3M's length constraint: the barrier's EMA is raised by z standard "
+                "errors of itself (docs/solver.md); 'none' for none."})
     margin: float | None = field(default=None, metadata={
         "help": "Room in tokens kept inside each length bound in training (docs/solver.md); 'none' for none."})
     kind: str = field(default="expectation", metadata={

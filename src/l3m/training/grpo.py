@@ -188,7 +188,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
         if torch.isinf(rewards_per_func[:, : len(self._objective_weights)]).any():
             self.guard.flag("objective reward")
         # against the training targets; plus z standard errors of the running estimate for a confidence (l3m.confidence)
-        mean, variance = step_statistics(gather(violations(self.bounds, rewards, target=True).to(device)))
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        mean, variance = step_statistics(gather(violations(self.bounds, rewards, target=True).to(device)), group_size)
         estimate, _ = self.confidence.estimate(mean, variance)
         if torch.isfinite(estimate).all():
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()

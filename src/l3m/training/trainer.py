@@ -217,7 +217,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         # The estimate that drives the multipliers is reduced across processes first: every process holds the same
         # estimate (the mean over all processes' responses, plus for a confidence z standard errors of the running
         # estimate, l3m.confidence), multipliers and EMA.
-        mean, variance = step_statistics(self.accelerator.gather(local_violations))
+        mean, variance = step_statistics(self.accelerator.gather(local_violations), args.num_generations)
         estimate, confidence_terms = self.confidence.estimate(mean, variance)
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
