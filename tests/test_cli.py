@@ -288,6 +288,9 @@ def test_the_demos_constraint_kind_reaches_training_and_a_bad_one_fails_before_a
     (parsed,) = L3MParser((DemoSettings,)).parse(["--kind", "uniform", "--delta", "1"])
     (training,) = DEMO_RUNS[2].constraints(**parsed.constraint_options())
     assert (training.kind, training.delta, training.confidence) == ("uniform", 1.0, 0.975)
+    assert training.heldout_size == parsed.test_size == 48  # the target covers the table's held-out mean
+    (parsed,) = L3MParser((DemoSettings,)).parse(["--target_heldout", "false"])
+    assert DEMO_RUNS[2].constraints(**parsed.constraint_options())[0].heldout_size is None
     with pytest.raises(L3MConfigError, match=r"epsilon: required for kind: chance"):
         L3MParser((DemoSettings,)).parse(["--kind", "chance"])
     with pytest.raises(L3MConfigError, match=r"delta: must be >= 0"):

@@ -38,7 +38,7 @@ from l3m.rewards import RewardFunc, resolve_reward
 
 CONSTRAINT_KINDS = ("expectation", "chance", "uniform")
 _SPEC_KEYS = {"name", "reward", "min", "max", "kind", "epsilon", "delta", "indicator_temperature", "margin",
-              "confidence"}
+              "confidence", "heldout_size"}
 
 
 @dataclass
@@ -65,6 +65,10 @@ class Constraint:
             normal quantile of ``confidence`` times that estimate's standard error (of the barrier's EMA over
             steps, from each step's samples' spread; :mod:`l3m.confidence`), so that the solver stops at a bound
             the policy's true value clears with about that probability (docs/solver.md, "Satisfaction targets").
+        heldout_size: with ``confidence``, the number of held-out prompts (one response each) whose mean will be
+            judged against the bound: the term then also covers that mean's own sampling error,
+            ``z * sqrt(s.e.² + S / heldout_size)``, ``S`` the variance of one response's term. Without it the
+            confidence is about the policy's expected value (an infinitely large held-out set).
     """
 
     reward: str | RewardFunc
@@ -77,6 +81,7 @@ class Constraint:
     indicator_temperature: float | None = None
     margin: float | None = None
     confidence: float | None = None
+    heldout_size: int | None = None
 
     def __post_init__(self):
         label = self.name or (self.reward if isinstance(self.reward, str) else "reward")
@@ -132,7 +137,8 @@ class Constraint:
                 raise L3MConfigError(f"{where}.delta: must be >= 0 (an allowed mean shortfall), got {self.delta:g}")
 
     def _check_target(self, where: str) -> None:
-        """``margin`` (>= 0, leaving a non-empty range) and ``confidence`` (in [0.5, 1))."""
+        """``margin`` (>= 0, leaving a non-empty range), ``confidence`` (in [0.5, 1)) and ``heldout_size`` (>= 1, with a
+        confidence)."""
         for option in ("margin", "confidence"):
             value = getattr(self, option)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -149,6 +155,12 @@ class Constraint:
             self.confidence = float(self.confidence)
             if not 0.5 <= self.confidence < 1:
                 raise L3MConfigError(f"{where}.confidence: must be in [0.5, 1) (e.g. 0.9), got {self.confidence:g}")
+        if self.heldout_size is not None:
+            if isinstance(self.heldout_size, bool) or not isinstance(self.heldout_size, int) or self.heldout_size < 1:
+                raise L3MConfigError(f"{where}.heldout_size: expected a number of prompts >= 1 (e.g. 500), got "
+                                     f"{self.heldout_size!r}")
+            if self.confidence is None:
+                raise L3MConfigError(f"{where}.heldout_size: only applies with a confidence (e.g. confidence: 0.9)")
 
     @property
     def has_target(self) -> bool:

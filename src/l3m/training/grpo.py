@@ -24,7 +24,7 @@ from accelerate.utils import gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
-from l3m.confidence import RunningConfidence, step_statistics
+from l3m.confidence import RunningConfidence, StepStatistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
 from l3m.errors import L3MConfigError, L3MDataError
@@ -142,8 +142,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
         self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
-        # per scored batch: (mean against the targets, its squared s.e., lambda, satisfied fraction, mean against the
-        # user's bounds)
+        # per scored batch: (statistics against the targets (l3m.confidence), lambda, satisfied fraction, mean against
+        # the user's bounds)
         self._pending: list[tuple[torch.Tensor, ...]] = []
 
     def _objective(self, specs) -> list:
@@ -189,14 +189,14 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             self.guard.flag("objective reward")
         # against the training targets; plus z standard errors of the running estimate for a confidence (l3m.confidence)
         group_size = self.num_generations if self.model.training else self.num_generations_eval
-        mean, variance = step_statistics(gather(violations(self.bounds, rewards, target=True).to(device)), group_size)
-        estimate, _ = self.confidence.estimate(mean, variance)
+        statistics = step_statistics(gather(violations(self.bounds, rewards, target=True).to(device)), group_size)
+        estimate, _ = self.confidence.estimate(statistics)
         if torch.isfinite(estimate).all():
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
                 bound_estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
-                self._pending.append((mean, variance, multipliers, satisfied, bound_estimate))
+                self._pending.append((*statistics, multipliers, satisfied, bound_estimate))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -215,11 +215,12 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            mean, variance, _, satisfied, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending))
+            mean, variance, spread, _, satisfied, bound_estimate = (torch.stack(x).mean(dim=0)
+                                                                    for x in zip(*self._pending))
             variance = variance / len(self._pending)  # the squared s.e. of the scored batches' mean
-            multipliers = self._pending[-1][2]  # the weights the step's rewards used
+            multipliers = self._pending[-1][3]  # the weights the step's rewards used
             self._pending.clear()
-            estimate, terms = self.confidence.update_(mean, variance)
+            estimate, terms = self.confidence.update_(StepStatistics(mean, variance, spread))
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=mean + terms,
                                        bound_estimates=bound_estimate, confidence_terms=terms)

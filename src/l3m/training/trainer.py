@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer
 
 from l3m.config import L3MConfig, ModelConfig
-from l3m.confidence import RunningConfidence, step_statistics
+from l3m.confidence import RunningConfidence, StepStatistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
 from l3m.data import CompletionCollator, prepare_dataset
@@ -117,8 +117,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
-        # per micro-batch: the mean against the training targets, its squared s.e., the mean against the user's bounds
-        self._pending_estimates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per micro-batch: the statistics against the training targets (l3m.confidence), the mean against the bounds
+        self._pending_estimates: list[tuple[torch.Tensor, ...]] = []
         self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
@@ -156,10 +156,10 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            mean, variance, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
+            mean, variance, spread, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
             variance = variance / len(self._pending_estimates)  # the squared s.e. of the micro-batches' mean
             self._pending_estimates.clear()
-            estimate, terms = self.confidence.update_(mean, variance)
+            estimate, terms = self.confidence.update_(StepStatistics(mean, variance, spread))
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers, estimates=mean + terms,
                                        bound_estimates=bound_estimate, confidence_terms=terms)
@@ -217,12 +217,12 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         # The estimate that drives the multipliers is reduced across processes first: every process holds the same
         # estimate (the mean over all processes' responses, plus for a confidence z standard errors of the running
         # estimate, l3m.confidence), multipliers and EMA.
-        mean, variance = step_statistics(self.accelerator.gather(local_violations), args.num_generations)
-        estimate, confidence_terms = self.confidence.estimate(mean, variance)
+        statistics = step_statistics(self.accelerator.gather(local_violations), args.num_generations)
+        estimate, confidence_terms = self.confidence.estimate(statistics)
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
         bound_estimate = self.accelerator.gather(violations(self.bounds, rewards).to(device)).mean(dim=0)
-        self._pending_estimates.append((mean, variance, bound_estimate.cpu()))
+        self._pending_estimates.append((*statistics, bound_estimate.cpu()))
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
@@ -240,7 +240,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         for i, bound in enumerate(self.bounds):
             for key, value in target_metrics(bound, confidence_terms[i].item()).items():
                 self._metrics[key].append(value)
-            self._metrics[f"constraints/{bound.name}/value"].append((mean + confidence_terms)[i].item())
+            self._metrics[f"constraints/{bound.name}/value"].append((statistics.mean + confidence_terms)[i].item())
             self._metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
             self._metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[:, i].mean().item())
         for name, values in rewards.items():
