@@ -18,8 +18,8 @@ the variance of one response's term (an EMA of each step's, prompts included; :f
 Steps sample a policy that moves between them, so the EMA's variance is that of a weighted mean of estimates of
 nearby policies: an approximation that holds where the solver has settled, which is where the target matters.
 
-On a range (an ``expectation`` with ``min`` and ``max``) the term stops at :attr:`l3m.constraints.Bound.confidence_room`:
-the two targets may meet in the middle, never cross. Shapes: N sampled responses, K one-sided bounds.
+On a range (an ``expectation`` with ``min`` and ``max``) the term stops at
+:attr:`l3m.constraints.Bound.confidence_room`: the two targets may meet in the middle, never cross. Shapes: N sampled responses, K one-sided bounds.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ class RunningConfidence:
     it is the step's own term, as :func:`training_estimate`.
 
     :meth:`estimate` changes nothing (a micro-batch's multipliers); :meth:`update_` advances ``V`` and ``S`` once per
-    optimizer step, as the solver advances its EMA. They are in :meth:`state_dict`, so a resumed run continues the same terms.
+    optimizer step, as the solver advances its EMA. They are in :meth:`state_dict`, so a resumed run continues the
+    same terms.
     """
 
     def __init__(self, bounds: Sequence[Bound], smoothing: float):
