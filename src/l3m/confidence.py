@@ -19,7 +19,9 @@ Steps sample a policy that moves between them, so the EMA's variance is that of 
 nearby policies: an approximation that holds where the solver has settled, which is where the target matters.
 
 On a range (an ``expectation`` with ``min`` and ``max``) the term stops at
-:attr:`l3m.constraints.Bound.confidence_room`: the two targets may meet in the middle, never cross. Shapes: N sampled responses, K one-sided bounds.
+:attr:`l3m.constraints.Bound.confidence_room`: the two targets may meet in the middle, never cross.
+
+Shapes: N sampled responses, K one-sided bounds.
 """
 
 from __future__ import annotations

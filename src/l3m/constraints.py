@@ -137,8 +137,8 @@ class Constraint:
                 raise L3MConfigError(f"{where}.delta: must be >= 0 (an allowed mean shortfall), got {self.delta:g}")
 
     def _check_target(self, where: str) -> None:
-        """``margin`` (>= 0, leaving a non-empty range), ``confidence`` (in [0.5, 1)) and ``heldout_size`` (>= 1, with a
-        confidence)."""
+        """``margin`` (>= 0, leaving a non-empty range), ``confidence`` (in [0.5, 1)) and ``heldout_size`` (>= 1,
+        with a confidence)."""
         for option in ("margin", "confidence"):
             value = getattr(self, option)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
