@@ -205,6 +205,26 @@ def test_resume_continues_the_same_run(tmp_path):
         assert torch.equal(a, b), name  # bit-for-bit on CPU
 
 
+def test_heldout_size_adds_the_heldout_means_error_to_the_trainers_confidence_term(tmp_path):
+    """One constraint step of 4 prompts x 4 responses, the same samples with and without heldout_size: the running
+    variance V is the same (from the 4 prompts' means), and the term is z sqrt(V) without, z sqrt(V + S / 4) with."""
+    terms = {}
+    for name, extra in (("plain", {}), ("heldout", {"heldout_size": 4})):
+        constraint = Constraint("length_tokens", max=5, name="length", confidence=0.9, **extra)
+        trainer = make_trainer(tmp_path / name, constraints=[constraint], max_steps=2, per_device_train_batch_size=4,
+                               num_generations=4, max_completion_length=16)
+        trainer.train()
+        state = trainer.confidence.state_dict()
+        (variance,), (spread,), (term,) = state["variance"], state["spread"], state["term"]
+        assert variance > 0 and spread > variance  # 16 responses' spread, 4 prompts' means' variance
+        assert variance != pytest.approx(spread / 16, rel=0.05)  # from the prompts' means, not 16 independent draws
+        held = extra.get("heldout_size")
+        expected = constraint.z * (variance + (spread / held if held else 0.0)) ** 0.5
+        assert term == pytest.approx(expected, rel=1e-5)
+        terms[name] = (variance, term)
+    assert terms["plain"][0] == terms["heldout"][0] and terms["heldout"][1] > terms["plain"][1]
+
+
 def test_resume_refuses_a_checkpoint_of_other_constraints(tmp_path):
     first = _trainer(tmp_path, constraints=[Constraint("length_tokens", max=5)], max_steps=4, save_strategy="steps",
                      save_steps=4)
