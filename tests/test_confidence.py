@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from l3m.confidence import RunningConfidence, StepStatistics, confidence_terms, step_statistics, training_estimate
+from l3m.confidence import (RunningConfidence, StepStatistics, confidence_terms, pooled_statistics, step_statistics,
+                            training_estimate)
 from l3m.constraints import Constraint, violations
 from l3m.errors import L3MConfigError
 from l3m.solvers import LogBarrierSolver
@@ -142,3 +143,11 @@ def test_a_heldout_size_adds_the_heldout_means_own_error_and_is_checked():
         Constraint("length_tokens", max=8, heldout_size=48, name="length")
     with pytest.raises(L3MConfigError, match=r"^constraints\[length\]\.heldout_size: expected a number of prompts"):
         Constraint("length_tokens", max=8, confidence=0.9, heldout_size=0.5, name="length")
+
+
+def test_pooled_micro_batches_give_the_mean_of_their_means_and_the_variance_of_that_mean():
+    first, second = (step_statistics(values, group_size=4) for values in _steps(2))
+    pooled = pooled_statistics([first, second])
+    torch.testing.assert_close(pooled.mean, (first.mean + second.mean) / 2)
+    torch.testing.assert_close(pooled.variance, (first.variance + second.variance) / 4)  # Var((a + b) / 2)
+    torch.testing.assert_close(pooled.spread, (first.spread + second.spread) / 2)

@@ -62,6 +62,13 @@ def step_statistics(values: torch.Tensor, group_size: int = 1) -> StepStatistics
     return StepStatistics(mean, spread / n, spread)
 
 
+def pooled_statistics(steps: Sequence[StepStatistics]) -> StepStatistics:
+    """The statistics of the mean of several equal-sized parts of one optimizer step (its micro-batches or scored
+    batches): their means and spreads averaged, the squared s.e. of their average ``mean(variance) / count``."""
+    mean, variance, spread = (torch.stack(x).mean(dim=0) for x in zip(*steps))
+    return StepStatistics(mean, variance / len(steps), spread)
+
+
 def confidence_terms(bounds: Sequence[Bound], variance: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """``(K,)`` terms ``z * sqrt(variance + spread / heldout_size)`` (no second part without a ``heldout_size``),
     0 for a bound without a confidence, at most each bound's :attr:`~l3m.constraints.Bound.confidence_room`."""

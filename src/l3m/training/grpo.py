@@ -24,7 +24,7 @@ from accelerate.utils import gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
-from l3m.confidence import RunningConfidence, StepStatistics, step_statistics
+from l3m.confidence import RunningConfidence, StepStatistics, pooled_statistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
 from l3m.errors import L3MConfigError, L3MDataError
@@ -144,7 +144,7 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
         # per scored batch: (statistics against the targets (l3m.confidence), lambda, satisfied fraction, mean against
         # the user's bounds)
-        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._pending: list[tuple[StepStatistics, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _objective(self, specs) -> list:
         """The objective's reward functions: l3m specs resolved and adapted to l3m's inputs, the rest as given."""
@@ -196,7 +196,7 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
                 bound_estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
-                self._pending.append((*statistics, multipliers, satisfied, bound_estimate))
+                self._pending.append((statistics, multipliers, satisfied, bound_estimate))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -215,19 +215,20 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            mean, variance, spread, _, satisfied, bound_estimate = (torch.stack(x).mean(dim=0)
-                                                                    for x in zip(*self._pending))
-            variance = variance / len(self._pending)  # the squared s.e. of the scored batches' mean
-            multipliers = self._pending[-1][3]  # the weights the step's rewards used
+            statistics, multipliers, satisfied, bound_estimates = zip(*self._pending)
             self._pending.clear()
-            estimate, terms = self.confidence.update_(StepStatistics(mean, variance, spread))
+            statistics = pooled_statistics(statistics)
+            multipliers = multipliers[-1]  # the weights the step's rewards used
+            satisfied, bound_estimate = (torch.stack(x).mean(dim=0) for x in (satisfied, bound_estimates))
+            estimate, terms = self.confidence.update_(statistics)
+            against_target = statistics.mean + terms  # the step's estimate against the training target
             self.solver.update_(estimate)
-            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=mean + terms,
+            self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=against_target,
                                        bound_estimates=bound_estimate, confidence_terms=terms)
             for i, bound in enumerate(self.bounds):
                 for key, value in target_metrics(bound, terms[i].item()).items():
                     metrics[key].append(value)
-                metrics[f"constraints/{bound.name}/value"].append((mean + terms)[i].item())
+                metrics[f"constraints/{bound.name}/value"].append(against_target[i].item())
                 metrics[f"constraints/{bound.name}/multiplier"].append(multipliers[i].item())
                 metrics[f"constraints/{bound.name}/satisfied_frac"].append(satisfied[i].item())
         if self.bounds:

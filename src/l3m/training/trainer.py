@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer
 
 from l3m.config import L3MConfig, ModelConfig
-from l3m.confidence import RunningConfidence, StepStatistics, step_statistics
+from l3m.confidence import RunningConfidence, StepStatistics, pooled_statistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
 from l3m.data import CompletionCollator, prepare_dataset
@@ -118,7 +118,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self._constraint_step = False
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
         # per micro-batch: the statistics against the training targets (l3m.confidence), the mean against the bounds
-        self._pending_estimates: list[tuple[torch.Tensor, ...]] = []
+        self._pending_estimates: list[tuple[StepStatistics, torch.Tensor]] = []
         self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
@@ -156,13 +156,15 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            mean, variance, spread, bound_estimate = (torch.stack(x).mean(dim=0) for x in zip(*self._pending_estimates))
-            variance = variance / len(self._pending_estimates)  # the squared s.e. of the micro-batches' mean
+            statistics, bound_estimates = zip(*self._pending_estimates)
             self._pending_estimates.clear()
-            estimate, terms = self.confidence.update_(StepStatistics(mean, variance, spread))
+            statistics = pooled_statistics(statistics)
+            estimate, terms = self.confidence.update_(statistics)
             self.solver.update_(estimate)
-            self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers, estimates=mean + terms,
-                                       bound_estimates=bound_estimate, confidence_terms=terms)
+            self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers,
+                                       estimates=statistics.mean + terms,
+                                       bound_estimates=torch.stack(bound_estimates).mean(dim=0),
+                                       confidence_terms=terms)
         self._metric_marks = None
         self._metrics["step/constraint"].append(float(self._constraint_step))
         if self.bounds:
@@ -222,7 +224,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
         bound_estimate = self.accelerator.gather(violations(self.bounds, rewards).to(device)).mean(dim=0)
-        self._pending_estimates.append((*statistics, bound_estimate.cpu()))
+        self._pending_estimates.append((statistics, bound_estimate.cpu()))
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
