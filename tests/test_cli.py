@@ -295,3 +295,5 @@ def test_the_demos_constraint_kind_reaches_training_and_a_bad_one_fails_before_a
         L3MParser((DemoSettings,)).parse(["--kind", "chance"])
     with pytest.raises(L3MConfigError, match=r"delta: must be >= 0"):
         L3MParser((DemoSettings,)).parse(["--kind", "uniform", "--delta", "-1"])
+    with pytest.raises(L3MConfigError, match=r"^confidence: expected a probability in \[0\.5, 1\)"):
+        L3MParser((DemoSettings,)).parse(["--confidence", "0.3"])

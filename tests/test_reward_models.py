@@ -373,14 +373,16 @@ def test_example_reward_configs_parse(path):
 
 
 def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeypatch):
-    """With a satisfaction target: constrained runs train against it, every evaluation judges the bounds."""
+    """With the default satisfaction target (confidence 0.975 and the held-out mean's error): constrained runs train
+    against it, every evaluation judges the bounds."""
     import l3m.experiments.hh as hh
     from l3m.cli import main
 
     calls = []
 
     def spy(*args, constraints=None, eval_constraints=None, **kwargs):
-        calls.append(([c.confidence for c in constraints or []], [c.confidence for c in eval_constraints]))
+        calls.append(([(c.confidence, c.heldout_size) for c in constraints or []],
+                      [(c.confidence, c.heldout_size) for c in eval_constraints]))
         return train_and_evaluate(*args, constraints=constraints, eval_constraints=eval_constraints, **kwargs)
 
     train_and_evaluate = hh.train_and_evaluate
@@ -394,8 +396,9 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeyp
     out = tmp_path / "hh"
     assert main(["reward", "experiment", "--quick", "--model_name_or_path", model_dir, "--dataset_name", str(data),
                  "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
-                 "--max_completion_length", "6", "--learning_rate", "1e-3", "--confidence", "0.9"]) == 0
-    assert calls == [([], [None, None]), ([], [None, None]), ([0.9, 0.9], [None, None]), ([0.9, 0.9], [None, None])]
+                 "--max_completion_length", "6", "--learning_rate", "1e-3"]) == 0
+    judged, target = [(None, None)] * 2, [(0.975, 8)] * 2  # --quick evaluates on 8 held-out prompts
+    assert calls == [([], judged), ([], judged), (target, judged), (target, judged)]
     results = json.load(open(out / "results.json"))
     assert results["complete"] and not os.path.exists(out / "results.json.tmp")
     assert [r["label"].split(" ")[0] for r in results["runs"]] == ["initial", "SFT", "L3M", "MM"]
@@ -417,6 +420,7 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeyp
                                           "[0.1, 0.2] and [0.3, 0.1, 0.6]"),
     (["--harmless_offsets", "0.1", "high"], "harmless_offsets (--harmless-offsets): invalid float value: 'high'"),
     (["--helpful_rm", "no/such/../folder"], "helpful_rm.path: no such folder 'no/such/../folder'"),
+    (["--confidence", "1.5"], "confidence: expected a probability in [0.5, 1) (e.g. 0.975) or none, got 1.5"),
 ])
 def test_the_fig3_experiment_rejects_bad_settings_before_writing_anything(tmp_path, capsys, flags, message):
     from l3m.cli import main

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.experiments.plots import LengthResult, plot_length_figure
-from l3m.experiments.runner import RunSettings, format_table, mean_pm, train_and_evaluate
+from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, train_and_evaluate
 from l3m.files import write_json
 
 
@@ -49,7 +49,7 @@ DEMO_RUNS = (
 
 
 @dataclass
-class DemoSettings(RunSettings):
+class DemoSettings(TargetSettings, RunSettings):
     """The demo's budget. Chatterbot answers are short (median 11 tokens), so SFT answers short; the ranges sit
     on either side of that."""
 
@@ -60,16 +60,6 @@ class DemoSettings(RunSettings):
         "help": "Token cap of sampled responses in training; default eval_max_new_tokens, so that training sees "
                 "the lengths evaluation counts."})
     mu_final: float = field(default=1e-6, metadata={"help": "Final log-barrier parameter (App. A)."})
-    # Without a target an expectation constraint ends on its bound, and the held-out mean within about a standard
-    # error of it on either side (README): the lengthening range then needed 8 samples per prompt to end inside.
-    confidence: float | None = field(default=0.975, metadata={
-        "help": "Satisfaction target of every L3M's length constraint: the barrier's EMA is raised by z standard "
-                "errors of itself (docs/solver.md); 'none' for none."})
-    # the table judges each mean on test_size prompts, whose own sampling error (about 1 token on [2, 8]) was the
-    # larger part of the [2, 8] arm's misses with a target on the running estimate alone (docs/demo.md)
-    target_heldout: bool = field(default=True, metadata={
-        "help": "With a confidence: the target also covers the sampling error of the held-out mean the table judges "
-                "(heldout_size: test_size on every length constraint; docs/solver.md)."})
     margin: float | None = field(default=None, metadata={
         "help": "Room in tokens kept inside each length bound in training (docs/solver.md); 'none' for none."})
     kind: str = field(default="expectation", metadata={
@@ -94,9 +84,8 @@ class DemoSettings(RunSettings):
 
     def constraint_options(self) -> dict:
         """The :class:`Constraint` fields every L3M's length constraint is trained with."""
-        heldout = self.test_size if self.target_heldout and self.confidence is not None else None
-        return {**{key: getattr(self, key) for key in ("confidence", "margin", "kind", "epsilon", "delta")},
-                "heldout_size": heldout}
+        return {**{key: getattr(self, key) for key in ("margin", "kind", "epsilon", "delta")},
+                **self.target_options()}
 
 
 def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None]:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
-from l3m.experiments.runner import RunSettings, format_table, mean_pm, train_and_evaluate
+from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, train_and_evaluate
 from l3m.files import write_json
 from l3m.solvers import renamed_solver_message
 
@@ -27,7 +27,7 @@ CONSTRAINED_SOLVERS = ("l3m", "mm", "lagged_dual")
 
 
 @dataclass
-class ExperimentSettings(RunSettings):
+class ExperimentSettings(TargetSettings, RunSettings):
     """The experiment's budget; ``quick`` shrinks it to a smoke run (one point, a few steps and prompts)."""
 
     output_dir: str = field(default="outputs/hh", metadata={"help": "Where results.json, the table's runs and "
@@ -49,9 +49,6 @@ class ExperimentSettings(RunSettings):
         "help": "Constrained solvers run at every point."})
     dual_lr: float = field(default=1.0, metadata={
         "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
-    confidence: float | None = field(default=None, metadata={
-        "help": "Satisfaction target of every constrained run, e.g. 0.9: each training estimate is raised by z * s.e. "
-                "(docs/solver.md); evaluation judges the bounds themselves."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
 
     def __post_init__(self):
@@ -64,6 +61,7 @@ class ExperimentSettings(RunSettings):
         if not self.helpful_offsets or len(self.helpful_offsets) != len(self.harmless_offsets):
             raise L3MConfigError(f"harmless_offsets: one per constraint point, as helpful_offsets; got "
                                  f"{self.helpful_offsets!r} and {self.harmless_offsets!r}")
+        self.target_options()  # a bad target stops here, before anything is trained
         if self.quick:
             self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
             self.helpful_offsets, self.harmless_offsets = self.helpful_offsets[:1], self.harmless_offsets[:1]
@@ -86,10 +84,10 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     objective_steps = objective_steps_of(settings.training_args("SFT", settings.max_steps))
     num_runs = 2 + len(settings.helpful_offsets) * len(settings.solvers)
 
-    def constraints(point, confidence=None):
+    def constraints(point, target: dict):
         # unconstrained models are still scored by both rewards (a bound every reward satisfies)
-        return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name,
-                           confidence=confidence) for i, name in enumerate(NAMES)]
+        return [Constraint(reward=rewards[name], min=-1e9 if point is None else point[i], name=name, **target)
+                for i, name in enumerate(NAMES)]
 
     results_path = os.path.join(settings.output_dir, "results.json")
     records, points = [], []
@@ -98,8 +96,8 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
         print(f"\n{label}: training {steps} steps", flush=True)
         args = settings.training_args(label, steps, solver=solver, dual_lr=settings.dual_lr)
         result = train_and_evaluate(args, model_args, splits["train"], splits["test"],
-                                    constraints=constraints(point, settings.confidence) if point is not None else [],
-                                    eval_constraints=constraints(point), train=steps > 0,
+                                    constraints=[] if point is None else constraints(point, settings.target_options()),
+                                    eval_constraints=constraints(point, {}), train=steps > 0,
                                     eval_max_new_tokens=settings.eval_max_new_tokens,
                                     description=f"Evaluating {label}")
         summary = result["summary"]
