@@ -31,7 +31,7 @@ def test_a_uniform_constraint_whose_recent_samples_all_pass_is_not_reported(capl
     assert ema.item() > 0  # the smoothed value still reads "violated"
     assert not caplog.records
     (line,) = monitor.summary()
-    assert line.startswith("every: satisfied at the last constraint step: mean shortfall below 3: 0, target <= 0")
+    assert line.startswith("every: satisfied over the last constraint step: mean shortfall below 3: 0 ± 0, target <= 0")
 
 
 def test_the_same_run_judged_by_the_ema_cries_wolf(caplog):
@@ -68,13 +68,14 @@ def test_each_kind_is_described_in_its_own_units():
 def test_old_monitor_states_load():
     bounds, monitor = _uniform_monitor()
     monitor.load_state_dict({"violated_steps": [1], "last_values": [0.5], "last_multipliers": [1.0]})
-    assert monitor.last_estimates == [0.5] and monitor.summary()[0].startswith("every: violated at the last")
+    assert monitor.last_estimates == [0.5] and monitor.summary()[0].startswith("every: violated over the last constraint "
+                                                                              "step: mean shortfall below 3: 0.5 ± 0,")
 
 
 def test_a_step_that_meets_the_bound_but_not_its_confidence_target_is_satisfied_with_the_target_said_beside():
     """confidence 0.975 trains towards mean + 1.96 s.e. <= 8: 16 responses of mean 7 with a wide spread meet the
     user's bound (the summary says satisfied, which the trainer logs at INFO) and not that target (said beside)."""
-    from l3m.confidence import training_estimate
+    from l3m.confidence import step_statistics, training_estimate
     from l3m.constraints import violations
 
     constraint = Constraint("length_tokens", max=8, confidence=0.975, name="length")
@@ -83,13 +84,55 @@ def test_a_step_that_meets_the_bound_but_not_its_confidence_target_is_satisfied_
     estimate, _ = training_estimate(bounds, violations(bounds, lengths, target=True))
     assert estimate.item() > 0  # the training target is missed
     monitor.observe(0, estimate, torch.ones(1), estimates=estimate,
-                    bound_estimates=violations(bounds, lengths).mean(dim=0))
-    assert monitor.summary() == ["length: satisfied at the last constraint step: mean reward 7, bound <= 8; training "
-                                 f"target (confidence 0.975) not met (smoothed against the training target: C = "
-                                 f"{estimate.item():.4g})"]
-    long = {"length": torch.tensor([3.0, 15.0] * 8)}  # mean 9: the bound itself is missed
-    monitor.observe(1, estimate, torch.ones(1), estimates=estimate, bound_estimates=violations(bounds, long).mean(0))
-    assert monitor.summary()[0].startswith("length: violated at the last constraint step: mean reward 9, bound <= 8;")
+                    bound_statistics=step_statistics(violations(bounds, lengths)))
+    assert monitor.summary() == ["length: satisfied over the last constraint step: mean reward 7 ± 1.5, bound <= 8; "
+                                 "training target (confidence 0.975) not met at the last step (smoothed against the "
+                                 f"training target: C = {estimate.item():.4g})"]
+    long = {"length": torch.tensor([8.0, 14.0] * 8)}  # mean 11, s.e. 0.77: the bound itself is missed
+    monitor.observe(1, estimate, torch.ones(1), estimates=estimate,
+                    bound_statistics=step_statistics(violations(bounds, long)))
+    assert monitor.summary()[0].startswith("length: violated over the last constraint step: mean reward 11 ± 0.77, "
+                                           "bound <= 8;")
+
+
+def _length_steps(monitor, bounds, batches):
+    from l3m.confidence import step_statistics
+    from l3m.constraints import violations
+
+    for step, lengths in enumerate(batches):
+        values = violations(bounds, {"length": torch.tensor(lengths)})
+        monitor.observe(step, values.mean(dim=0), torch.ones(1), bound_statistics=step_statistics(values, 4))
+
+
+def test_the_summary_judges_the_last_steps_together_and_says_when_they_cannot_tell():
+    """At the solver's EMA weight 0.5 the summary pools the last 3 steps ((2 - a) / a). Each batch is 4 prompts of
+    4 responses with prompt means 6 apart, so a step's s.e. is 2.6 and the pool's 1.5: a pooled mean 0.5 over max 8
+    is at its bound, not violated (a step of 9.5 after two inside, as one 16-response step can be); 3 over is."""
+    bounds = Constraint("length_tokens", max=8, name="length").bounds()
+    monitor = InfeasibilityMonitor(bounds, patience=100, smoothing=0.5)
+    assert monitor.window == 3 and InfeasibilityMonitor(bounds, 100, smoothing=0.1).window == 19
+
+    def batch(mean):  # prompt means mean - 6, mean - 2, mean + 2, mean + 6
+        return [mean + x + 0.5 for x in range(-8, 8)]
+
+    _length_steps(monitor, bounds, [batch(7), batch(6.5), batch(9.5), batch(7)])
+    (line,) = monitor.summary()  # the first step has left the window: (6.5 + 9.5 + 7) / 3 <= 8
+    assert line.startswith("length: satisfied over the last 3 constraint steps: mean reward 7.667 ± 1.5, bound <= 8")
+    _length_steps(monitor, bounds, [batch(6.5), batch(9.5), batch(9.5)])
+    (line,) = monitor.summary()
+    assert line.startswith("length: at its bound over the last 3 constraint steps: mean reward 8.5 ± 1.5, bound <= 8 "
+                           "(missed by less than 2 standard errors: the training samples cannot tell)")
+    _length_steps(monitor, bounds, [batch(11)] * 3)
+    assert monitor.summary()[0].startswith("length: violated over the last 3 constraint steps: mean reward 11 ± 1.5")
+
+
+def test_the_summary_window_survives_a_resume():
+    bounds = Constraint("length_tokens", max=8, name="length").bounds()
+    monitor = InfeasibilityMonitor(bounds, patience=100, smoothing=0.5)
+    _length_steps(monitor, bounds, [[4.0, 9.0, 6.0, 7.0] * 2, [12.0, 9.0, 6.0, 7.0] * 2])
+    resumed = InfeasibilityMonitor(bounds, patience=100, smoothing=0.5)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.summary() == monitor.summary() and "over the last 2 constraint steps" in resumed.summary()[0]
 
 
 def test_the_trainer_judges_its_summary_against_the_users_bound(tmp_path, caplog):
@@ -103,7 +146,7 @@ def test_the_trainer_judges_its_summary_against_the_users_bound(tmp_path, caplog
         trainer.train()
     (record,) = [r for r in caplog.records if r.getMessage().startswith("Constraint length:")]
     assert record.levelno == logging.INFO
-    assert "satisfied at the last constraint step: mean reward " in record.getMessage()
+    assert "satisfied over the last 2 constraint steps: mean reward " in record.getMessage()
     assert "bound <= 1000; training target (margin 999) not met" in record.getMessage()
 
 

@@ -183,8 +183,8 @@ def test_a_constraint_violated_for_long_is_reported_as_possibly_infeasible(tmp_p
     summary = trainer.infeasibility.summary()
     assert summary[0].startswith("negative_length: POSSIBLY INFEASIBLE: mean reward ")
     assert "after 5 constraint steps in a row" in summary[0]
-    assert summary[1].startswith("words: satisfied at the last constraint step: mean reward ")
-    assert "target <= 1000 (smoothed: mean reward " in summary[1]
+    assert summary[1].startswith("words: satisfied over the last 5 constraint steps: mean reward ")
+    assert "bound <= 1000 (smoothed: mean reward " in summary[1]
     assert f"Constraint {summary[0]}" in warnings
 
 

@@ -140,11 +140,12 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
         place_reward_models([c.reward_func for c in self.constraints] + [getattr(f, "func", f) for f in objective],
                             self.accelerator.device)
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
-        self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
+        self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience,
+                                                  self.solver.estimate_smoothing)
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
-        # per scored batch: (statistics against the targets (l3m.confidence), lambda, satisfied fraction, mean against
-        # the user's bounds)
-        self._pending: list[tuple[StepStatistics, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per scored batch: (statistics against the targets (l3m.confidence), lambda, satisfied fraction, statistics
+        # against the user's bounds)
+        self._pending: list[tuple[StepStatistics, torch.Tensor, torch.Tensor, StepStatistics]] = []
 
     def _objective(self, specs) -> list:
         """The objective's reward functions: l3m specs resolved and adapted to l3m's inputs, the rest as given."""
@@ -195,8 +196,8 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate).float()
             if self.model.training:
                 satisfied = gather(satisfied_mask(self.bounds, rewards).float().to(device)).mean(dim=0).cpu()
-                bound_estimate = gather(violations(self.bounds, rewards).to(device)).mean(dim=0).cpu()
-                self._pending.append((statistics, multipliers, satisfied, bound_estimate))
+                bound_statistics = step_statistics(gather(violations(self.bounds, rewards).to(device)), group_size)
+                self._pending.append((statistics, multipliers, satisfied, bound_statistics))
         else:  # keep the last weights; the guard skips the step
             last = self.reward_weights[len(self._objective_weights):]
             multipliers = last if torch.isfinite(last).all() else torch.zeros(len(self.bounds))
@@ -215,16 +216,16 @@ class ConstrainedGRPOTrainer(SolverTrainerMixin, GRPOTrainer):
             drop_gradients(model.parameters())
             self._pending.clear()
         elif self._pending:
-            statistics, multipliers, satisfied, bound_estimates = zip(*self._pending)
+            statistics, multipliers, satisfied, bound_statistics = zip(*self._pending)
             self._pending.clear()
-            statistics = pooled_statistics(statistics)
+            statistics, bound_statistics = pooled_statistics(statistics), pooled_statistics(bound_statistics)
             multipliers = multipliers[-1]  # the weights the step's rewards used
-            satisfied, bound_estimate = (torch.stack(x).mean(dim=0) for x in (satisfied, bound_estimates))
+            satisfied = torch.stack(satisfied).mean(dim=0)
             estimate, terms = self.confidence.update_(statistics)
             against_target = statistics.mean + terms  # the step's estimate against the training target
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, multipliers, estimates=against_target,
-                                       bound_estimates=bound_estimate, confidence_terms=terms)
+                                       bound_statistics=bound_statistics, confidence_terms=terms)
             for i, bound in enumerate(self.bounds):
                 for key, value in target_metrics(bound, terms[i].item()).items():
                     metrics[key].append(value)

@@ -136,7 +136,8 @@ class SolverTrainerMixin:
             finally:
                 self._stop_signals = None
         for line in self.infeasibility.summary():
-            logger.log(logging.INFO if ": satisfied " in line else logging.WARNING, "Constraint %s", line)
+            alarm = ": violated " in line or ": POSSIBLY INFEASIBLE: " in line
+            logger.log(logging.WARNING if alarm else logging.INFO, "Constraint %s", line)
         checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.guard.exhausted:
             raise L3MTrainingStopped(

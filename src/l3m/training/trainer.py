@@ -117,13 +117,14 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         place_reward_models([c.reward_func for c in self.constraints], self.accelerator.device)  # not trained
         self._constraint_step = False
         self.confidence = RunningConfidence(self.bounds, self.solver.estimate_smoothing)
-        # per micro-batch: the statistics against the training targets (l3m.confidence), the mean against the bounds
-        self._pending_estimates: list[tuple[StepStatistics, torch.Tensor]] = []
+        # per micro-batch: the statistics against the training targets (l3m.confidence), and against the bounds
+        self._pending_estimates: list[tuple[StepStatistics, StepStatistics]] = []
         self._step_multipliers: torch.Tensor | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._metric_marks: dict[str, int] | None = None  # metric counts when the current optimizer step began
         self.guard = NonFiniteGuard(args.max_consecutive_skipped_steps)
-        self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience)
+        self.infeasibility = InfeasibilityMonitor(self.bounds, args.infeasibility_patience,
+                                                  self.solver.estimate_smoothing)
 
     # Overridden so that objective steps read the task data in the order plain SFT does (batch_order.py).
     def _get_train_sampler(self, train_dataset=None):
@@ -156,14 +157,12 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
             for key, values in self._metrics.items():  # the skipped step's values would poison the averages
                 del values[self._metric_marks.get(key, 0):]
         elif self._pending_estimates:
-            statistics, bound_estimates = zip(*self._pending_estimates)
+            statistics, bound_statistics = (pooled_statistics(x) for x in zip(*self._pending_estimates))
             self._pending_estimates.clear()
-            statistics = pooled_statistics(statistics)
             estimate, terms = self.confidence.update_(statistics)
             self.solver.update_(estimate)
             self.infeasibility.observe(step, self.solver.estimate, self._step_multipliers,
-                                       estimates=statistics.mean + terms,
-                                       bound_estimates=torch.stack(bound_estimates).mean(dim=0),
+                                       estimates=statistics.mean + terms, bound_statistics=bound_statistics,
                                        confidence_terms=terms)
         self._metric_marks = None
         self._metrics["step/constraint"].append(float(self._constraint_step))
@@ -223,8 +222,9 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         estimate, confidence_terms = self.confidence.estimate(statistics)
         multipliers = self.solver.multipliers(self.state.global_step, self.state.max_steps, estimate)
         self._step_multipliers = multipliers
-        bound_estimate = self.accelerator.gather(violations(self.bounds, rewards).to(device)).mean(dim=0)
-        self._pending_estimates.append((statistics, bound_estimate.cpu()))
+        bound_statistics = step_statistics(self.accelerator.gather(violations(self.bounds, rewards).to(device)),
+                                           args.num_generations)
+        self._pending_estimates.append((statistics, bound_statistics))
 
         # The gradient follows each kind's surrogate (the smoothed indicator for chance constraints).
         advantages = constraint_advantages(surrogate_violations(self.bounds, rewards).to(device),
