@@ -182,14 +182,15 @@ class InfeasibilityMonitor:
         """Once per range: both sides' confidence terms at their cap (:attr:`Bound.confidence_room`) put both
         training targets at the middle of the range, a one-point target that one side or the other always misses,
         so the barrier's multipliers switch between the two sides (docs/reliability.md, docs/demo.md)."""
-        capped: dict[str, int] = {}
+        capped: dict[str, tuple[Constraint, int]] = {}  # by name: the constraint and how many of its sides capped
         for bound, term in zip(self.bounds, terms):
-            if bound.constraint.z > 0 and term >= bound.confidence_room * (1 - 1e-6):
-                capped[bound.constraint.name] = capped.get(bound.constraint.name, 0) + 1
+            c = bound.constraint
+            if c.z > 0 and term >= bound.confidence_room * (1 - 1e-6):
+                capped[c.name] = (c, capped.get(c.name, (c, 0))[1] + 1)
         for name in sorted(capped.keys() - self.collapsed_ranges):
-            if capped[name] == 2:
+            c, sides = capped[name]
+            if sides == 2:
                 self.collapsed_ranges.add(name)
-                c = next(b.constraint for b in self.bounds if b.constraint.name == name)
                 logger.warning("Constraint %s: at step %d the confidence terms (z * s.e.) reached half the range "
                                "[%g, %g], so both training targets sat at its middle, %g, which one side always "
                                "misses; lower the confidence, widen the range or sample more responses per step",
