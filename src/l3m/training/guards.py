@@ -138,7 +138,7 @@ class InfeasibilityMonitor:
     last ``window`` constraint steps' estimates, with its standard error from the steps' own: ``satisfied`` when the
     mean meets the bound, ``violated`` when it misses it by more than two standard errors, and ``at its bound`` in
     between, where the training samples cannot tell. One step's 16 responses missed a length bound by more than a
-    token in runs whose held-out means were well inside (docs/reliability.md). The default window,
+    token in runs whose held-out means were well inside (docs/reliability.md). The window,
     ``round((2 - a) / a)`` steps for an EMA weight ``a``, is the number of independent steps whose mean has the
     variance of the solver's EMA.
     """
