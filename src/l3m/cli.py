@@ -1,7 +1,6 @@
 """The ``l3m`` command: parse the arguments of a command, then make one library call. Every command reads ``--config
 file.yaml`` (the fields of ``l3m <command> --help``) and ``--field value`` overrides through one parser
-(:class:`l3m.parsing.L3MParser`); bad input ends with one line naming the field, exit code 2.
-"""
+(:class:`l3m.parsing.L3MParser`); bad input ends with one line naming the field, exit code 2; l3m logs from INFO."""
 
 from __future__ import annotations
 
@@ -131,6 +130,7 @@ USAGE = """usage: l3m <command> [--config FILE.yaml] [--field value ...]
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("l3m").setLevel(logging.INFO)  # the end-of-training verdicts, CAID's iterations
     match_threads_to_cpus()
     try:
         return _dispatch(COMMANDS, USAGE, list(sys.argv[1:] if argv is None else argv))
