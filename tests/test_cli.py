@@ -205,6 +205,15 @@ def test_settings_commands_explain_every_flag(command, settings, capsys):
         assert "".join(f.metadata["help"].split()) in text
 
 
+def test_the_cli_shows_l3ms_info_lines(capsys):
+    """The end-of-training verdicts that are not alarms (satisfied, at its bound) are INFO lines of the l3m logger."""
+    import logging
+
+    logging.getLogger("l3m").setLevel(logging.WARNING)
+    main(["--help"])
+    assert logging.getLogger("l3m").getEffectiveLevel() == logging.INFO
+
+
 def test_unknown_command_returns_2(capsys):
     assert main(["nosuchcommand"]) == 2
 
