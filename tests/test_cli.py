@@ -306,3 +306,6 @@ def test_the_demos_constraint_kind_reaches_training_and_a_bad_one_fails_before_a
         L3MParser((DemoSettings,)).parse(["--kind", "uniform", "--delta", "-1"])
     with pytest.raises(L3MConfigError, match=r"^confidence: expected a probability in \[0\.5, 1\)"):
         L3MParser((DemoSettings,)).parse(["--confidence", "0.3"])
+    with pytest.raises(L3MConfigError, match=r"^num_proc: expected at least 1 \(1 runs one run after another\), "
+                                             r"got 0$"):
+        L3MParser((DemoSettings,)).parse(["--num_proc", "0"])

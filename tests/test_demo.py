@@ -59,3 +59,26 @@ def test_miniature_demo_writes_table_results_and_figure(tmp_path, capsys):
     assert saved["runs"][2]["summary"]["num_examples"] <= 4  # the test split without them
     out = capsys.readouterr().out
     assert "task log-ppl" in out and "L3M [2, 8]" in out and "shift in range" in out
+
+
+def test_runs_in_worker_processes_give_the_numbers_of_one_process_at_their_thread_count(tmp_path, capsys):
+    import torch
+
+    from l3m.experiments.demo import DemoRun, DemoSettings, run_demo
+    from l3m.experiments.parallel import plan_processes
+
+    runs = (DemoRun("SFT", match_objective_steps=True), DemoRun("L3M [2, 8]", 2, 8))
+    tiny = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, test_size=4,
+                eval_max_new_tokens=8)
+    apart = run_demo(DemoSettings(output_dir=str(tmp_path / "apart"), num_proc=2, **tiny), runs=runs)
+    assert "2 runs, 2 at a time" in capsys.readouterr().out
+    assert os.path.getsize(tmp_path / "apart" / "l3m_2_8" / "output.log") > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan_processes(2, len(runs))[1])
+    try:
+        together = run_demo(DemoSettings(output_dir=str(tmp_path / "together"), num_proc=1, **tiny), runs=runs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(apart, together):
+        assert a["lengths"] == b["lengths"] and a["summary"]["log_ppl_mean"] == b["summary"]["log_ppl_mean"]
+        assert a["solver_state"] == b["solver_state"]

@@ -83,6 +83,25 @@ def test_several_objective_rewards_are_reported_each_and_weighted(tiny):
                        reward_weights=[1.0], **EVAL)
 
 
+def test_task_log_ppl_by_length_groups_equals_the_whole_padded_batch_and_computes_less(tiny, monkeypatch):
+    from l3m.data import CompletionCollator
+    from l3m.sampling import response_nll
+
+    model, tokenizer, test = tiny
+    batch = CompletionCollator(tokenizer.pad_token_id)([test[i] for i in range(len(test))])
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths.min() < lengths.max()  # rows of mixed lengths, so groups can cut padding
+    with torch.no_grad():
+        whole = response_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    computed = []
+    monkeypatch.setattr(evaluation, "response_nll", lambda m, ids, *a: computed.append(ids.numel()) or
+                        response_nll(m, ids, *a))
+    with torch.no_grad():
+        grouped = evaluation.task_log_ppl(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert grouped == pytest.approx(whole.tolist(), abs=1e-5)
+    assert sum(computed) < batch["input_ids"].numel()
+
+
 def test_the_kl_of_a_model_to_itself_is_zero(tiny):
     model, tokenizer, test = tiny
     plain = evaluate_model(model, tokenizer, test, **EVAL)

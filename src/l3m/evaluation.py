@@ -31,10 +31,25 @@ from l3m.data import CompletionCollator
 from l3m.errors import L3MConfigError
 from l3m.rewards import RewardFunc, resolve_reward
 from l3m.rewards.models import place_reward_models
-from l3m.sampling import Completions, eos_ids, position_ids_from, response_nll, sample_completions
+from l3m.sampling import (Completions, eos_ids, length_groups, position_ids_from, response_nll,
+                          sample_completions)
 
 BASE = "base"  # the reference that is the model itself with its LoRA adapter disabled
 _REFERENCES = "give a model folder or hub id, 'demo', or 'base' (a LoRA adapter's base model)"
+
+
+def task_log_ppl(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each row's task log-perplexity, :func:`l3m.sampling.response_nll` of its response tokens, with the rows run in
+    groups of similar length (:func:`l3m.sampling.length_groups`), each cut to its own longest row: a batch of mixed
+    lengths (right padded) does not compute its padding."""
+    lengths = attention_mask.sum(dim=1)
+    rows = torch.arange(len(lengths), device=lengths.device)
+    nll = torch.empty(len(lengths), dtype=torch.float32, device=lengths.device)
+    for group in length_groups(lengths, rows, torch.zeros_like(lengths)):
+        width = int(lengths[group].max())
+        nll[group] = response_nll(model, input_ids[group, :width], attention_mask[group, :width],
+                                  labels[group, :width]).float()
+    return nll.tolist()
 
 
 @torch.no_grad()
@@ -94,7 +109,7 @@ def evaluate_model(
         for start in tqdm(batches, desc=description, disable=not progress):
             examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(examples).items()}
-            log_ppl += response_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).tolist()
+            log_ppl += task_log_ppl(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             completions = sample_completions(
                 model, batch["prompt_input_ids"], batch["prompt_attention_mask"], stop_ids=stop_ids,
                 pad_token_id=tokenizer.pad_token_id, num_generations=1, max_new_tokens=max_new_tokens,

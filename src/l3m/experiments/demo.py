@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
+from l3m.errors import L3MConfigError
 from l3m.experiments.plots import LengthResult, plot_length_figure
-from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, train_and_evaluate
+from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, slug, train_and_evaluate
 from l3m.files import write_json
 
 
@@ -72,6 +73,10 @@ class DemoSettings(TargetSettings, RunSettings):
     delta: float | None = field(default=None, metadata={
         "help": "With --kind uniform: the allowed mean distance outside each bound, in tokens (default 0: every "
                 "sampled response inside)."})
+    num_proc: int | None = field(default=None, metadata={
+        "help": "Runs trained at once, each in its own process with the cores shared out; default one per core (at "
+                "most one per run). 1: one run after another, in this process, with every core. A run's numbers "
+                "depend on its thread count (docs/demo.md)."})
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
@@ -79,6 +84,8 @@ class DemoSettings(TargetSettings, RunSettings):
     def __post_init__(self):
         if self.max_completion_length is None:
             self.max_completion_length = self.eval_max_new_tokens
+        if self.num_proc is not None and self.num_proc < 1:
+            raise L3MConfigError(f"num_proc: expected at least 1 (1 runs one run after another), got {self.num_proc}")
         for run in DEMO_RUNS:  # a bad constraint option fails here, not after the first runs have trained
             run.constraints(**self.constraint_options())
 
@@ -93,7 +100,6 @@ def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> t
     ``size`` of them (shuffled with ``seed``); without, the splits as they are and None."""
     from datasets import concatenate_datasets
 
-    from l3m.errors import L3MConfigError
 
     if not categories:
         return splits, None
@@ -112,7 +118,8 @@ def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> t
 
 def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> list[dict]:
     """Train and evaluate every run; returns one result record per run and writes them as JSON."""
-    from l3m.config import ModelConfig, ScriptArguments
+    from l3m.config import ScriptArguments
+    from l3m.experiments.parallel import Job, plan_processes, run_jobs
     from l3m.loading import load_splits
     from l3m.training.coin import objective_steps_of
 
@@ -123,19 +130,24 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     if shift is not None:
         print(f"Shift test: {', '.join(settings.shift_categories)} held out of training; {len(shift)} of their "
               f"conversations evaluated beside {len(splits['test'])} in-distribution ones", flush=True)
-    records = []
-    for index, run in enumerate(runs, start=1):
+    jobs = []
+    for run in runs:
         steps = settings.max_steps if run.max_steps is None else run.max_steps
         if run.match_objective_steps:
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
-        print(f"\n[{index}/{len(runs)}] {run.name}: training {steps} steps", flush=True)
-        args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
-        constraints = run.constraints(**settings.constraint_options())
-        result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
-                                    constraints=constraints, eval_constraints=run.constraints() or _length_probe(),
-                                    eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
-                                    description=f"Evaluating {run.name}", shift_dataset=shift)
-        records.append({"run": asdict(run), "steps": steps, **result})
+        jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift), steps,
+                        os.path.join(settings.output_dir, slug(run.name), "output.log")))
+    processes, threads = plan_processes(settings.num_proc, len(jobs))
+    if processes == 1:
+        records = []
+        for index, job in enumerate(jobs, start=1):
+            print(f"\n[{index}/{len(jobs)}] {job.name}: training {job.steps} steps", flush=True)
+            records.append(train_run(*job.args))
+    else:
+        print(f"\n{len(jobs)} runs, {processes} at a time with {threads} thread{'s' * (threads > 1)} each "
+              f"(num_proc); each run's output goes to {os.path.join(settings.output_dir, '<run>', 'output.log')}",
+              flush=True)
+        records = run_jobs(jobs, processes, threads)
 
     results_path = write_json(os.path.join(settings.output_dir, "results.json"),
                               {"settings": asdict(settings), "runs": records})
@@ -147,6 +159,20 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     print("\n" + demo_table(records))
     print(f"\nResults: {results_path}\nFigure:  {figure}\nTotal time: {(time.time() - started) / 60:.1f} min")
     return records
+
+
+def train_run(settings: DemoSettings, run: DemoRun, steps: int, splits: dict, shift, progress=None) -> dict:
+    """Train and evaluate one of the demo's runs for ``steps`` optimizer steps; its result record. ``progress``:
+    trainer callbacks."""
+    from l3m.config import ModelConfig
+
+    args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
+    result = train_and_evaluate(args, ModelConfig(model_name_or_path="demo"), splits["train"], splits["test"],
+                                constraints=run.constraints(**settings.constraint_options()),
+                                eval_constraints=run.constraints() or _length_probe(),
+                                eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
+                                description=f"Evaluating {run.name}", shift_dataset=shift, callbacks=progress)
+    return {"run": asdict(run), "steps": steps, **result}
 
 
 def _length_probe() -> list[Constraint]:

@@ -1,0 +1,159 @@
+"""An experiment's independent runs at once, each in its own process with its share of the cores.
+
+A run of the demo decodes a few rows at a time and trains on batches of 4: matrix products that small keep two
+threads of one process far from twice the speed of one. Two runs side by side, one thread each, use two cores better
+than one run after the other with both (docs/benchmark.md has the measurement). A run's result depends on its thread
+count (float sums), not on which runs share the machine with it.
+
+Each worker's output (progress bars, transformers' messages) goes to its run's log file; its ``l3m`` log records
+(e.g. the end-of-training verdicts) come back to this process's handlers, prefixed with the run's name, and a
+progress bar here counts the optimizer steps of all runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from l3m.errors import L3MError
+from l3m.hardware import available_cpus
+
+
+@dataclass
+class Job:
+    """One run for a worker: ``function(*args, progress=callbacks)`` returns its record; its output goes to ``log``."""
+
+    name: str
+    function: Callable
+    args: tuple
+    steps: int  # optimizer steps, for the progress bar
+    log: str
+
+
+def plan_processes(num_proc: int | None, num_jobs: int, cpus: int | None = None) -> tuple[int, int]:
+    """``(processes, threads of each)`` for ``num_jobs`` runs on ``cpus`` cores (default: :func:`available_cpus`).
+
+    ``num_proc`` None: one process per core, at most one per run. Threads: the cores shared out, at least one each.
+
+    >>> plan_processes(None, 4, cpus=2), plan_processes(1, 4, cpus=2), plan_processes(None, 2, cpus=8)
+    ((2, 1), (1, 2), (2, 4))
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    processes = min(cpus, num_jobs) if num_proc is None else min(num_proc, num_jobs)
+    processes = max(processes, 1)
+    return processes, max(1, cpus // processes)
+
+
+class _RunName(logging.Filter):
+    """Prefixes a worker's log records with its run's name (formatted here: a record's args may not pickle)."""
+
+    def __init__(self):
+        super().__init__()
+        self.run = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = f"[{self.run}] {record.getMessage()}", None
+        return True
+
+
+_worker: dict = {}
+
+
+def _start_worker(threads: int, queue, levels: dict[str, int]) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    handler = logging.handlers.QueueHandler(queue)
+    run_name = _RunName()
+    handler.addFilter(run_name)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    _worker.update(queue=queue, run_name=run_name)
+
+
+def _run_job(job: Job):
+    from transformers import TrainerCallback
+
+    queue = _worker["queue"]
+
+    class StepProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            queue.put(1)
+
+    _worker["run_name"].run = job.name
+    os.makedirs(os.path.dirname(job.log) or ".", exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(job.log, "w", encoding="utf-8") as log:  # C-level writes too: the file replaces fds 1 and 2
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    return job.function(*job.args, progress=[StepProgress()])
+
+
+def _relay(queue, bar) -> None:
+    """Hand the workers' log records to this process's loggers and their step counts to ``bar``; stop at None."""
+    while (item := queue.get()) is not None:
+        if isinstance(item, logging.LogRecord):
+            logging.getLogger(item.name).handle(item)
+        else:
+            bar.update(item)
+
+
+def run_jobs(jobs: Sequence[Job], processes: int, threads: int) -> list:
+    """Run ``jobs`` in ``processes`` worker processes (``threads`` torch threads each), the most steps first;
+    returns their results in the order of ``jobs``. The first failure (or Ctrl-C) stops the other runs and is raised
+    here, with the failed run's log named."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    context = multiprocessing.get_context("spawn")  # a fork of a process with torch's threads can deadlock
+    queue = context.Queue()
+    levels = {name: logging.getLogger(name or None).level for name in ("", "l3m")}
+    bar = tqdm(total=sum(job.steps for job in jobs), desc=f"Training, {processes} runs at a time", unit="step")
+    relay = threading.Thread(target=_relay, args=(queue, bar), daemon=True)
+    relay.start()
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                               initargs=(threads, queue, levels))
+    results: list = [None] * len(jobs)
+    try:
+        with logging_redirect_tqdm():
+            order = sorted(range(len(jobs)), key=lambda i: -jobs[i].steps)
+            futures = {pool.submit(_run_job, jobs[i]): i for i in order}
+            for future in as_completed(futures):
+                job = jobs[futures[future]]
+                try:
+                    results[futures[future]] = future.result()
+                except BrokenProcessPool as error:
+                    raise L3MError(f"the process of run {job.name!r} died ({error}); its output: {job.log}") from error
+                except Exception:
+                    logging.getLogger("l3m").error("run %r failed; its output: %s", job.name, job.log)
+                    raise
+                bar.write(f"{job.name}: done (output: {job.log})")
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        pool.shutdown()
+        queue.put(None)
+        relay.join()
+        bar.close()
+    return results
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the runs not started and end the running ones (``terminate_workers`` from Python 3.14 on)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()

@@ -1,0 +1,66 @@
+"""Runs in worker processes (``l3m.experiments.parallel``): results in order, output in each run's log, log records
+and step counts back in the parent, the first failure raised there."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from l3m.errors import L3MConfigError
+from l3m.experiments.parallel import Job, plan_processes, run_jobs
+
+
+def _steps_and_a_warning(name: str, steps: int, progress=None) -> dict:
+    import torch
+
+    print(f"{name} writes to stdout")
+    for _ in range(steps):
+        progress[0].on_step_end(None, None, None)
+    logging.getLogger("l3m.test").warning("%s took %d steps", name, steps)
+    return {"name": name, "threads": torch.get_num_threads()}
+
+
+def _bad_field(progress=None) -> dict:
+    time.sleep(1)  # the other run has started
+    raise L3MConfigError("field: bad value; use a good one")
+
+
+def _slow(marker: str, progress=None) -> dict:
+    time.sleep(60)
+    with open(marker, "w") as f:
+        f.write("finished")
+    return {}
+
+
+def test_cores_are_shared_out_one_process_per_core_at_most_one_per_run():
+    assert plan_processes(None, 4, cpus=2) == (2, 1)
+    assert plan_processes(None, 4, cpus=1) == (1, 1)
+    assert plan_processes(None, 2, cpus=8) == (2, 4)
+    assert plan_processes(1, 4, cpus=2) == (1, 2)  # one after another, every core
+    assert plan_processes(3, 4, cpus=8) == (3, 2)
+
+
+def test_jobs_return_in_order_with_their_output_in_their_logs_and_records_and_steps_here(tmp_path, caplog, capsys):
+    jobs = [Job(name, _steps_and_a_warning, (name, steps), steps, str(tmp_path / name / "output.log"))
+            for name, steps in (("short", 2), ("long", 3))]
+    with caplog.at_level(logging.WARNING):
+        results = run_jobs(jobs, processes=2, threads=1)
+    assert results == [{"name": "short", "threads": 1}, {"name": "long", "threads": 1}]
+    assert "short writes to stdout" in (tmp_path / "short" / "output.log").read_text()
+    assert "long writes to stdout" in (tmp_path / "long" / "output.log").read_text()
+    messages = {(r.name, r.getMessage()) for r in caplog.records}
+    assert {("l3m.test", "[short] short took 2 steps"), ("l3m.test", "[long] long took 3 steps")} <= messages
+    assert "5/5" in capsys.readouterr().err  # the progress bar counted every run's steps
+
+
+def test_a_failed_run_is_raised_here_its_log_named_and_the_other_runs_stopped(tmp_path, caplog):
+    marker = tmp_path / "slow_finished"
+    jobs = [Job("bad", _bad_field, (), 1, str(tmp_path / "bad.log")),
+            Job("slow", _slow, (str(marker),), 2, str(tmp_path / "slow.log"))]
+    with pytest.raises(L3MConfigError, match=r"^field: bad value; use a good one$"):
+        run_jobs(jobs, processes=2, threads=1)
+    assert any(r.getMessage() == f"run 'bad' failed; its output: {tmp_path / 'bad.log'}" for r in caplog.records)
+    assert (tmp_path / "slow.log").exists()  # it had started
+    assert not marker.exists()  # and was not waited for (it writes the marker after 60 s)
