@@ -133,6 +133,7 @@ def test_the_summary_window_survives_a_resume():
     resumed = InfeasibilityMonitor(bounds, patience=100, smoothing=0.5)
     resumed.load_state_dict(monitor.state_dict())
     assert resumed.summary() == monitor.summary() and "over the last 2 constraint steps" in resumed.summary()[0]
+    assert resumed.last_bound_estimates == monitor.last_bound_estimates == monitor.recent[-1][0]
 
 
 def test_the_trainer_judges_its_summary_against_the_users_bound(tmp_path, caplog):

@@ -151,7 +151,6 @@ class InfeasibilityMonitor:
         self.violated_steps = [0] * len(self.bounds)
         self.last_values: list[float] | None = None  # the smoothed estimate after the last constraint step
         self.last_estimates: list[float] | None = None  # the last constraint step's own estimate (training target)
-        self.last_bound_estimates: list[float] | None = None  # the same against the user's bounds
         self.last_multipliers: list[float] | None = None
         self.collapsed_ranges: set[str] = set()  # ranges whose two targets have met in the middle (warned once)
 
@@ -166,10 +165,9 @@ class InfeasibilityMonitor:
         self.last_values, self.last_multipliers = values.tolist(), multipliers.tolist()
         self.last_estimates = self.last_values if estimates is None else estimates.tolist()
         if bound_statistics is None:
-            self.last_bound_estimates, variances = self.last_estimates, [0.0] * len(self.bounds)
+            self.recent.append((self.last_estimates, [0.0] * len(self.bounds)))
         else:
-            self.last_bound_estimates, variances = bound_statistics.mean.tolist(), bound_statistics.variance.tolist()
-        self.recent.append((self.last_bound_estimates, variances))
+            self.recent.append((bound_statistics.mean.tolist(), bound_statistics.variance.tolist()))
         for i, bound in enumerate(self.bounds):
             self.violated_steps[i] = self.violated_steps[i] + 1 if self.last_estimates[i] > 0 else 0
             if self.violated_steps[i] == self.patience:
@@ -195,6 +193,11 @@ class InfeasibilityMonitor:
                                "[%g, %g], so both training targets sat at its middle, %g, which one side always "
                                "misses; lower the confidence, widen the range or sample more responses per step",
                                name, step, c.min, c.max, (c.min + c.max) / 2)
+
+    @property
+    def last_bound_estimates(self) -> list[float] | None:
+        """The last constraint step's estimate against the user's bounds."""
+        return self.recent[-1][0] if self.recent else None
 
     def _last_step(self, i: int) -> str:
         """The last constraint step in the words of the kind: against the bound, and the training target's state
@@ -248,16 +251,16 @@ class InfeasibilityMonitor:
 
     def state_dict(self) -> dict:
         return {"violated_steps": list(self.violated_steps), "last_values": self.last_values,
-                "last_estimates": self.last_estimates, "last_bound_estimates": self.last_bound_estimates,
-                "last_multipliers": self.last_multipliers, "recent": [list(step) for step in self.recent]}
+                "last_estimates": self.last_estimates, "last_multipliers": self.last_multipliers,
+                "recent": [list(step) for step in self.recent]}
 
     def load_state_dict(self, state: dict) -> None:
         self.violated_steps = [int(n) for n in state["violated_steps"]]
         self.last_values, self.last_multipliers = state["last_values"], state["last_multipliers"]
         # checkpoints from before each was kept: the last step stands for what is missing
         self.last_estimates = state.get("last_estimates", self.last_values)
-        self.last_bound_estimates = state.get("last_bound_estimates", self.last_estimates)
         recent = state.get("recent")
         if recent is None:
-            recent = [(self.last_bound_estimates, [0.0] * len(self.bounds))] if self.last_bound_estimates else []
+            last = state.get("last_bound_estimates", self.last_estimates)
+            recent = [(last, [0.0] * len(self.bounds))] if last else []
         self.recent = deque((tuple(step) for step in recent), maxlen=self.window)
