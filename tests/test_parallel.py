@@ -4,6 +4,10 @@ and step counts back in the parent, the first failure raised there."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,6 +29,13 @@ def _steps_and_a_warning(name: str, steps: int, progress=None) -> dict:
 def _bad_field(progress=None) -> dict:
     time.sleep(1)  # the other run has started
     raise L3MConfigError("field: bad value; use a good one")
+
+
+def _pid_then_sleep(path: str, progress=None) -> dict:
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return {}
 
 
 def _slow(marker: str, progress=None) -> dict:
@@ -64,3 +75,37 @@ def test_a_failed_run_is_raised_here_its_log_named_and_the_other_runs_stopped(tm
     assert any(r.getMessage() == f"run 'bad' failed; its output: {tmp_path / 'bad.log'}" for r in caplog.records)
     assert (tmp_path / "slow.log").exists()  # it had started
     assert not marker.exists()  # and was not waited for (it writes the marker after 60 s)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (an ended, unreaped process is a zombie: state Z)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL gives the parent no chance to stop its workers; they must not go on training for nobody."""
+    pid_file = tmp_path / "worker.pid"
+    job = f"Job('sleeper', _pid_then_sleep, ({str(pid_file)!r},), 1, {str(tmp_path / 'log')!r})"
+    script = ("from l3m.experiments.parallel import Job, run_jobs\nfrom test_parallel import _pid_then_sleep\n"
+              f"run_jobs([{job}], 1, 1)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    for _ in range(100):
+        if not _running(worker):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker was still running 10 s after its parent was killed")

@@ -79,6 +79,14 @@ def _start_worker(threads: int, queue, levels: dict[str, int]) -> None:
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
     _worker.update(queue=queue, run_name=run_name)
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a parent killed without a chance to stop its workers would leave them training
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent) -> None:
+    parent.join()  # returns when the parent process has ended, however it ended
+    os._exit(1)
 
 
 def _run_job(job: Job):
