@@ -7,7 +7,8 @@ count (float sums), not on which runs share the machine with it.
 
 Each worker's output (progress bars, transformers' messages) goes to its run's log file; its ``l3m`` log records
 (e.g. the end-of-training verdicts) come back to this process's handlers, prefixed with the run's name, and a
-progress bar here counts the optimizer steps of all runs.
+progress bar here counts the optimizer steps of all runs. A failed run, Ctrl-C or the end of this process (however it
+ends) ends the workers too.
 """
 
 from __future__ import annotations
