@@ -100,7 +100,6 @@ def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> t
     ``size`` of them (shuffled with ``seed``); without, the splits as they are and None."""
     from datasets import concatenate_datasets
 
-
     if not categories:
         return splits, None
     known = sorted(set().union(*(split.unique("category") for split in splits.values()

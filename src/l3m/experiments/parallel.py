@@ -101,7 +101,8 @@ def _run_job(job: Job):
 
     _worker["run_name"].run = job.name
     os.makedirs(os.path.dirname(job.log) or ".", exist_ok=True)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     with open(job.log, "w", encoding="utf-8") as log:  # C-level writes too: the file replaces fds 1 and 2
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
