@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from l3m.errors import L3MConfigError
+from l3m.errors import L3MConfigError, L3MError
 from l3m.experiments.parallel import Job, plan_processes, run_jobs
 
 
@@ -36,6 +36,10 @@ def _pid_then_sleep(path: str, progress=None) -> dict:
         f.write(str(os.getpid()))
     time.sleep(60)
     return {}
+
+
+def _killed(progress=None) -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
 
 
 def _slow(marker: str, progress=None) -> dict:
@@ -75,6 +79,14 @@ def test_a_failed_run_is_raised_here_its_log_named_and_the_other_runs_stopped(tm
     assert any(r.getMessage() == f"run 'bad' failed; its output: {tmp_path / 'bad.log'}" for r in caplog.records)
     assert (tmp_path / "slow.log").exists()  # it had started
     assert not marker.exists()  # and was not waited for (it writes the marker after 60 s)
+
+
+def test_a_worker_killed_mid_run_is_a_one_line_error_naming_the_unfinished_runs(tmp_path):
+    jobs = [Job("killed", _killed, (), 1, str(tmp_path / "killed.log")),
+            Job("fine", _steps_and_a_warning, ("fine", 0), 0, str(tmp_path / "fine.log"))]
+    message = r"^a worker process died \(.*\) with these runs unfinished: .*killed \(output: "
+    with pytest.raises(L3MError, match=message):
+        run_jobs(jobs, processes=1, threads=1)
 
 
 def _running(pid: int) -> bool:

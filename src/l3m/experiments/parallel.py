@@ -142,8 +142,10 @@ def run_jobs(jobs: Sequence[Job], processes: int, threads: int) -> list:
                 job = jobs[futures[future]]
                 try:
                     results[futures[future]] = future.result()
-                except BrokenProcessPool as error:
-                    raise L3MError(f"the process of run {job.name!r} died ({error}); its output: {job.log}") from error
+                except BrokenProcessPool as error:  # every unfinished run fails with it: name them all
+                    unfinished = [jobs[i] for f, i in futures.items() if not f.done() or f.exception() is not None]
+                    raise L3MError(f"a worker process died ({error}) with these runs unfinished: "
+                                   + "; ".join(f"{j.name} (output: {j.log})" for j in unfinished)) from error
                 except Exception:
                     logging.getLogger("l3m").error("run %r failed; its output: %s", job.name, job.log)
                     raise
