@@ -66,13 +66,14 @@ def test_runs_in_worker_processes_give_the_numbers_of_one_process_at_their_threa
 
     from l3m.experiments.demo import DemoRun, DemoSettings, run_demo
     from l3m.experiments.parallel import plan_processes
+    from l3m.experiments.runner import slug
 
     runs = (DemoRun("SFT", match_objective_steps=True), DemoRun("L3M [2, 8]", 2, 8))
     tiny = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, test_size=4,
                 eval_max_new_tokens=8)
     apart = run_demo(DemoSettings(output_dir=str(tmp_path / "apart"), num_proc=2, **tiny), runs=runs)
     assert "2 runs, 2 at a time" in capsys.readouterr().out
-    assert os.path.getsize(tmp_path / "apart" / "l3m_2_8" / "output.log") > 0
+    assert os.path.getsize(tmp_path / "apart" / slug("L3M [2, 8]") / "output.log") > 0
     threads = torch.get_num_threads()
     torch.set_num_threads(plan_processes(2, len(runs))[1])
     try:
