@@ -94,3 +94,12 @@ def test_threads_are_lowered_to_the_quota_unless_the_user_set_them(tmp_path, mon
     assert match_threads_to_cpus(root) is None and calls == [2]
     monkeypatch.undo()
     assert torch.get_num_threads() == threads
+
+
+def test_available_memory_is_read_from_meminfo_and_unknown_without_it(tmp_path):
+    from l3m.hardware import available_memory_gb
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:         3033344 kB\nMemAvailable:    8650752 kB\n")
+    assert available_memory_gb(str(meminfo)) == pytest.approx(8650752 * 1024 / 1e9)
+    assert available_memory_gb(str(tmp_path / "missing")) is None

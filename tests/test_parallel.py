@@ -57,6 +57,20 @@ def test_cores_are_shared_out_one_process_per_core_at_most_one_per_run():
     assert plan_processes(3, 4, cpus=8) == (3, 2)
 
 
+def test_the_default_starts_no_more_runs_than_memory_holds_and_an_oversubscribed_num_proc_warns(caplog):
+    with caplog.at_level(logging.INFO, logger="l3m"):
+        assert plan_processes(None, 4, cpus=4, gb_per_process=5, memory_gb=12) == (2, 2)
+        assert plan_processes(None, 4, cpus=4, gb_per_process=5, memory_gb=3) == (1, 4)  # one, whatever it holds
+        assert plan_processes(None, 4, cpus=2, gb_per_process=5, memory_gb=40) == (2, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "num_proc: 2 runs at a time instead of 4: 12 GB of memory available, about 5 GB per run",
+        "num_proc: 1 runs at a time instead of 4: 3 GB of memory available, about 5 GB per run"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="l3m"):
+        assert plan_processes(3, 4, cpus=2, memory_gb=1) == (3, 1)  # asked for: kept, whatever the memory
+    assert caplog.records[0].getMessage() == "num_proc 3 on 2 cores: the runs will share cores, each slower than alone"
+
+
 def test_jobs_return_in_order_with_their_output_in_their_logs_and_records_and_steps_here(tmp_path, caplog, capsys):
     jobs = [Job(name, _steps_and_a_warning, (name, steps), steps, str(tmp_path / name / "output.log"))
             for name, steps in (("short", 2), ("long", 3))]

@@ -85,6 +85,18 @@ def available_cpus(root: str = "/sys/fs/cgroup") -> int:
     return count if quota is None else max(1, min(count, math.ceil(quota)))
 
 
+def available_memory_gb(path: str = "/proc/meminfo") -> float | None:
+    """Memory the system can give new processes without swapping (``MemAvailable``, GB); None where unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def match_threads_to_cpus(root: str = "/sys/fs/cgroup") -> int | None:
     """Lower torch's thread count to :func:`available_cpus` when it is higher and neither ``OMP_NUM_THREADS`` nor
     ``MKL_NUM_THREADS`` is set (a user's choice stays); returns the new count, or None when nothing changed."""

@@ -39,6 +39,10 @@ class DemoRun:
                            **options)]
 
 
+# a run's peak RSS was 3.5-4.7 GB (float32, 2026-12-03; results.json's peak_memory_mb): the default num_proc starts
+# no more runs at once than the available memory holds at this much each
+RUN_MEMORY_GB = 5.0
+
 DEMO_RUNS = (
     DemoRun("initial", max_steps=0),
     # An L3M spends about half its steps on constraints (Sec. 5.4): this SFT takes as many objective steps, on the
@@ -75,8 +79,9 @@ class DemoSettings(TargetSettings, RunSettings):
                 "sampled response inside)."})
     num_proc: int | None = field(default=None, metadata={
         "help": "Runs trained at once, each in its own process with the cores shared out; default one per core (at "
-                "most one per run). 1: one run after another, in this process, with every core. A run's numbers "
-                "depend on its thread count (docs/demo.md)."})
+                "most one per run, and no more than the available memory holds at 5 GB each). 1: one run after "
+                "another, in this process, with every core. A run's numbers depend on its thread count "
+                "(docs/demo.md)."})
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
@@ -136,7 +141,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift), steps,
                         os.path.join(settings.output_dir, slug(run.name), "output.log")))
-    processes, threads = plan_processes(settings.num_proc, len(jobs))
+    processes, threads = plan_processes(settings.num_proc, len(jobs), gb_per_process=RUN_MEMORY_GB)
     if processes == 1:
         records = []
         for index, job in enumerate(jobs, start=1):

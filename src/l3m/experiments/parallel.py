@@ -25,7 +25,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from l3m.errors import L3MError
-from l3m.hardware import available_cpus
+from l3m.hardware import available_cpus, available_memory_gb
+
+logger = logging.getLogger("l3m")
 
 
 @dataclass
@@ -39,17 +41,33 @@ class Job:
     log: str
 
 
-def plan_processes(num_proc: int | None, num_jobs: int, cpus: int | None = None) -> tuple[int, int]:
+def plan_processes(num_proc: int | None, num_jobs: int, cpus: int | None = None, gb_per_process: float = 0.0,
+                   memory_gb: float | None = None) -> tuple[int, int]:
     """``(processes, threads of each)`` for ``num_jobs`` runs on ``cpus`` cores (default: :func:`available_cpus`).
 
-    ``num_proc`` None: one process per core, at most one per run. Threads: the cores shared out, at least one each.
+    ``num_proc`` None: one process per core, at most one per run, and no more than ``memory_gb`` (default: the
+    system's available memory, :func:`available_memory_gb`) holds at ``gb_per_process`` each. Threads: the cores shared
+    out, at least one each. A ``num_proc`` above the cores is kept, with a warning.
 
-    >>> plan_processes(None, 4, cpus=2), plan_processes(1, 4, cpus=2), plan_processes(None, 2, cpus=8)
-    ((2, 1), (1, 2), (2, 4))
+    >>> plan_processes(None, 4, cpus=2), plan_processes(1, 4, cpus=2), plan_processes(None, 4, cpus=8)
+    ((2, 1), (1, 2), (4, 2))
+    >>> plan_processes(None, 4, cpus=4, gb_per_process=5, memory_gb=12)  # memory for two
+    (2, 2)
     """
     cpus = available_cpus() if cpus is None else cpus
-    processes = min(cpus, num_jobs) if num_proc is None else min(num_proc, num_jobs)
-    processes = max(processes, 1)
+    if num_proc is None:
+        processes = min(cpus, num_jobs)
+        memory_gb = available_memory_gb() if memory_gb is None else memory_gb
+        if gb_per_process > 0 and memory_gb is not None and memory_gb < processes * gb_per_process:
+            fits = max(1, int(memory_gb // gb_per_process))
+            logger.info("num_proc: %d runs at a time instead of %d: %.0f GB of memory available, about %.0f GB per "
+                        "run", fits, processes, memory_gb, gb_per_process)
+            processes = min(processes, fits)
+    else:
+        processes = min(num_proc, num_jobs)
+        if processes > cpus:
+            logger.warning("num_proc %d on %d cores: the runs will share cores, each slower than alone", processes,
+                           cpus)
     return processes, max(1, cpus // processes)
 
 
@@ -147,7 +165,7 @@ def run_jobs(jobs: Sequence[Job], processes: int, threads: int) -> list:
                     raise L3MError(f"a worker process died ({error}) with these runs unfinished: "
                                    + "; ".join(f"{j.name} (output: {j.log})" for j in unfinished)) from error
                 except Exception:
-                    logging.getLogger("l3m").error("run %r failed; its output: %s", job.name, job.log)
+                    logger.error("run %r failed; its output: %s", job.name, job.log)
                     raise
                 bar.write(f"{job.name}: done (output: {job.log})")
     except BaseException:
