@@ -55,6 +55,7 @@ def test_cores_are_shared_out_one_process_per_core_at_most_one_per_run():
     assert plan_processes(None, 2, cpus=8) == (2, 4)
     assert plan_processes(1, 4, cpus=2) == (1, 2)  # one after another, every core
     assert plan_processes(3, 4, cpus=8) == (3, 2)
+    assert plan_processes(None, 0, cpus=2) == (1, 2)  # nothing to run: still a valid plan
 
 
 def test_the_default_starts_no_more_runs_than_memory_holds_and_an_oversubscribed_num_proc_warns(caplog):

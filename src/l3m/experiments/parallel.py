@@ -56,15 +56,15 @@ def plan_processes(num_proc: int | None, num_jobs: int, cpus: int | None = None,
     """
     cpus = available_cpus() if cpus is None else cpus
     if num_proc is None:
-        processes = min(cpus, num_jobs)
+        processes = max(1, min(cpus, num_jobs))
         memory_gb = available_memory_gb() if memory_gb is None else memory_gb
         if gb_per_process > 0 and memory_gb is not None and memory_gb < processes * gb_per_process:
             fits = max(1, int(memory_gb // gb_per_process))
             logger.info("num_proc: %d runs at a time instead of %d: %.0f GB of memory available, about %.0f GB per "
                         "run", fits, processes, memory_gb, gb_per_process)
-            processes = min(processes, fits)
+            processes = fits
     else:
-        processes = min(num_proc, num_jobs)
+        processes = max(1, min(num_proc, num_jobs))
         if processes > cpus:
             logger.warning("num_proc %d on %d cores: the runs will share cores, each slower than alone", processes,
                            cpus)
