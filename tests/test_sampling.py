@@ -282,6 +282,29 @@ def test_the_log_prob_pass_by_length_groups_gives_the_one_pass_logps_and_gradien
     _assert_same_logps_and_gradients(model, completions, completion_logps, one_pass)
 
 
+def test_length_groups_find_the_cheapest_split_of_the_sorted_rows():
+    """Against every split of the length-sorted rows into runs (2^(N-1) of them), on random small cases."""
+    import itertools
+    import random
+
+    from l3m.sampling import length_groups
+
+    def cost(groups, lengths, prompts, tokens, pass_tokens):
+        return sum(len(g) * int(lengths[g].max()) + pass_tokens + sum(int(tokens[p]) for p in set(prompts[g].tolist()))
+                   for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, per_prompt = rng.randint(1, 7), rng.choice([1, 2, 4])
+        lengths = torch.tensor([rng.randint(0, 64) for _ in range(n)])
+        prompts = torch.arange(n) // per_prompt
+        tokens = torch.tensor([rng.randint(0, 40) for _ in range(int(prompts.max()) + 1)])
+        order = lengths.argsort(stable=True)
+        cheapest = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, n))], lengths, prompts, tokens, 16)
+                       for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert cost(length_groups(lengths, prompts, tokens), lengths, prompts, tokens, 16) == cheapest
+
+
 def test_length_groups_keep_equal_lengths_together_and_set_a_long_response_apart():
     from l3m.sampling import length_groups
 

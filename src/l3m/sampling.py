@@ -303,7 +303,8 @@ def length_groups(lengths: torch.Tensor, prompt_of_row: torch.Tensor, prompt_tok
                   pass_tokens: int = PASS_OVERHEAD_TOKENS) -> list[torch.Tensor]:
     """Rows for the log-prob pass, grouped by response length: the split of the rows sorted by length into runs
     that minimizes the tokens the passes compute, ``sum over groups of rows * longest length + the tokens of the
-    group's distinct prompts + pass_tokens`` (dynamic programming over the ``N`` sorted rows, ``O(N^2)``).
+    group's distinct prompts + pass_tokens`` (dynamic programming over the ``N`` sorted rows, ``O(N^2)``; ties go
+    to the longer last group).
 
     >>> [g.tolist() for g in length_groups(torch.tensor([3, 64, 2, 3]), torch.tensor([0, 0, 1, 1]), torch.tensor([10, 10]))]
     [[2, 0, 3], [1]]
@@ -313,10 +314,13 @@ def length_groups(lengths: torch.Tensor, prompt_of_row: torch.Tensor, prompt_tok
     tokens_of = prompt_tokens.tolist()
     best, start_of = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
-        for start in range(end):
-            cost = (best[start] + (end - start) * sorted_lengths[end - 1] + pass_tokens
-                    + sum(tokens_of[p] for p in set(prompts[start:end])))
-            if cost < best[end]:
+        seen, prompt_cost = set(), 0  # the distinct prompts of rows start..end-1 and their tokens, grown as start falls
+        for start in range(end - 1, -1, -1):
+            if prompts[start] not in seen:
+                seen.add(prompts[start])
+                prompt_cost += tokens_of[prompts[start]]
+            cost = best[start] + (end - start) * sorted_lengths[end - 1] + pass_tokens + prompt_cost
+            if cost <= best[end]:  # on a tie the smallest start, as an ascending search with < would keep
                 best[end], start_of[end] = cost, start
     groups, end = [], len(order)
     while end > 0:
