@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
 from l3m.experiments.plots import LengthResult, plot_length_figure
-from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, slug, train_and_evaluate
+from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, train_and_evaluate
 from l3m.files import write_json
 
 
@@ -140,7 +140,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
         if run.match_objective_steps:
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift), steps,
-                        os.path.join(settings.output_dir, slug(run.name), "output.log")))
+                        os.path.join(settings.run_dir(run.name), "output.log")))
     processes, threads = plan_processes(settings.num_proc, len(jobs), gb_per_process=RUN_MEMORY_GB)
     if processes == 1:
         records = []

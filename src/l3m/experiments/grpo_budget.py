@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
-from l3m.experiments.runner import RunSettings, format_table, mean_pm, mean_se, slug
+from l3m.experiments.runner import RunSettings, format_table, mean_pm, mean_se
 from l3m.files import write_json
 
 
@@ -125,7 +125,7 @@ def run_arm(settings: BudgetSettings, label: str, solver: str | None, weight: fl
     history, started = [], time.time()
     if solver is not None:  # the initial model is only evaluated
         budget = {"name": "length", "reward": "length_tokens", "max": settings.budget}
-        args = settings.grpo_args(os.path.join(settings.output_dir, slug(label)), settings.max_steps,
+        args = settings.grpo_args(settings.run_dir(label), settings.max_steps,
                                   reward=settings.reward, reward_weights=settings.reward_weights, constraints=[budget],
                                   solver=solver, multiplier_init=weight, dual_lr=settings.dual_lr)
         trainer = ConstrainedGRPOTrainer(model=model, args=args, train_dataset=train_dataset,

@@ -42,6 +42,10 @@ class RunSettings:
                 "elsewhere), true or false. On a 2-core CPU with avx512_bf16 the demo took 0.88x of float32's time "
                 "and one of its seed-0 ranges was missed (docs/benchmark.md); the README's numbers are float32."})
 
+    def run_dir(self, name: str) -> str:
+        """The folder of run ``name`` under ``output_dir``."""
+        return os.path.join(self.output_dir, slug(name))
+
     def training_args(self, name: str, steps: int, **fields):
         """The :class:`l3m.L3MConfig` of run ``name`` (its folder under ``output_dir``): this budget, on CPU, no
         checkpoints, no warm-up, held-out prompts evaluated in one batch; ``fields`` override it."""
@@ -50,7 +54,7 @@ class RunSettings:
         budget = {key: getattr(self, key) for key in ("per_device_train_batch_size", "learning_rate",
                                                       "lr_scheduler_type", "num_generations", "max_completion_length",
                                                       "max_length", "ema_smoothing", "seed")}
-        return L3MConfig(output_dir=os.path.join(self.output_dir, slug(name)), max_steps=max(steps, 1),
+        return L3MConfig(output_dir=self.run_dir(name), max_steps=max(steps, 1),
                          per_device_eval_batch_size=self.test_size, warmup_steps=0, logging_steps=10,
                          save_strategy="no", report_to=[], use_cpu=True, bf16=resolve_bf16(self.bf16),
                          **{**budget, **fields})
