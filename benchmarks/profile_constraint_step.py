@@ -1,17 +1,21 @@
 """Where the time of one L3M constraint step goes: phases (sampling, log-prob forward, backward; CPU seconds of
-this process) and top operators.
+this process, its system part and page faults) and top operators.
 
     python benchmarks/profile_constraint_step.py            # the demo model, B=4 prompts x G=4 samples, 24 tokens
     python benchmarks/profile_constraint_step.py --whole    # without sharing each prompt's prefix (for comparison)
+    python benchmarks/profile_constraint_step.py --default-malloc   # glibc's malloc as it comes (see below)
 
 ``--whole`` runs every response's whole sequence through the model (the prompt G times), as before prompt sharing.
+The script keeps freed memory in the process as ``l3m``'s commands do (:func:`l3m.hardware.keep_freed_memory`);
+``--default-malloc`` leaves glibc's default, under which the system time and page faults show the kernel handing
+out and zeroing fresh pages for every step's activations.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import resource
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,7 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from l3m.assets import demo_data_path, demo_model_path
 from l3m.data import CompletionCollator, load_task_splits, prepare_dataset
+from l3m.hardware import keep_freed_memory
 from l3m.sampling import completion_logps, eos_ids, sample_completions
+
+
+def usage() -> tuple[float, float, int]:
+    """This process's user and system CPU seconds and minor page faults so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
 def main() -> None:
@@ -29,7 +40,11 @@ def main() -> None:
     parser.add_argument("--max-completion-length", type=int, default=24)
     parser.add_argument("--whole", action="store_true", help="no prompt sharing: whole sequences, prompts G times")
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc as it comes")
+    parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory()
 
     path = demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -45,31 +60,38 @@ def main() -> None:
     model.train()
 
     def step() -> dict:
-        times = {}
-        start = time.process_time()
+        phases, last = {}, usage()
+
+        def done(phase):
+            nonlocal last
+            now = usage()
+            phases[phase] = tuple(b - a for a, b in zip(last, now))
+            last = now
+
         completions = sample_completions(model, prompt_ids, prompt_mask, eos_ids(tokenizer, model),
                                          tokenizer.pad_token_id, num_generations=group,
                                          max_new_tokens=args.max_completion_length)
-        times["sampling"] = time.process_time() - start
-        start = time.process_time()
+        done("sampling")
         logps = completion_logps(model, dataclasses.replace(completions, group_size=group))
-        times["log-prob forward"] = time.process_time() - start
-        start = time.process_time()
+        done("log-prob forward")
         logps.mean().backward()
-        times["backward"] = time.process_time() - start
+        done("backward")
         model.zero_grad()
-        return times
+        return phases
 
-    torch.manual_seed(0)
-    step()  # warm-up
-    torch.manual_seed(1)
+    for seed in range(args.warmup):
+        torch.manual_seed(seed)
+        step()
+    torch.manual_seed(args.warmup)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        times = step()
-    total = sum(times.values())
+        phases = step()
+    total = sum(user + system for user, system, _ in phases.values())
     print(f"prompts {tuple(batch['prompt_input_ids'].shape)}, {args.num_generations} samples each, "
-          f"{'whole sequences' if args.whole else 'shared prompts'}; threads {torch.get_num_threads()}")
-    for phase, seconds in times.items():
-        print(f"  {phase:<18} {seconds:6.2f} s  {100 * seconds / total:4.0f}%")
+          f"{'whole sequences' if args.whole else 'shared prompts'}; threads {torch.get_num_threads()}; "
+          f"{'default malloc' if args.default_malloc else 'freed memory kept'}")
+    print(f"  {'phase':<18} {'CPU s':>6}  {'share':>5}  {'system s':>8}  {'page faults':>11}")
+    for phase, (user, system, faults) in phases.items():
+        print(f"  {phase:<18} {user + system:6.2f}  {100 * (user + system) / total:4.0f}%  {system:8.2f}  {faults:11d}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from l3m.errors import L3MConfigError
@@ -103,3 +108,43 @@ def test_available_memory_is_read_from_meminfo_and_unknown_without_it(tmp_path):
     meminfo.write_text("MemTotal:       24683520 kB\nMemFree:         3033344 kB\nMemAvailable:    8650752 kB\n")
     assert available_memory_gb(str(meminfo)) == pytest.approx(8650752 * 1024 / 1e9)
     assert available_memory_gb(str(tmp_path / "missing")) is None
+
+
+_REUSE_SCRIPT = """
+import resource, sys, torch
+kept = None
+if sys.argv[1] == "keep":
+    from l3m.hardware import keep_freed_memory
+    kept = keep_freed_memory()
+def touch():  # a 256 MB block written once, then freed, as a step's activations are
+    torch.empty(64 * 2**20).fill_(1.0)
+for _ in range(4):  # the heap grows to the block's size (one of the first three blocks was faulted in again)
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    touch()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_freed_memory_is_reused_without_page_faults_once_kept(mode):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    faults = int(out[1])  # 4 KB pages faulted in by three more blocks of 256 MB (65,536 pages each)
+    if mode == "keep":
+        assert out[0] == "True" and faults < 2_000
+    else:  # the default returns each block to the OS: every page faulted in again
+        assert faults > 3 * 60_000
+
+
+def test_freed_memory_is_left_to_a_users_own_malloc_settings(monkeypatch):
+    from l3m.hardware import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert keep_freed_memory() is False

@@ -10,7 +10,7 @@ import signal
 import sys
 
 from l3m.errors import L3MError, L3MTrainingStopped
-from l3m.hardware import match_threads_to_cpus
+from l3m.hardware import tune_process
 from l3m.parsing import parse_command, parse_train_args
 
 
@@ -131,7 +131,7 @@ USAGE = """usage: l3m <command> [--config FILE.yaml] [--field value ...]
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("l3m").setLevel(logging.INFO)  # the end-of-training verdicts, CAID's iterations
-    match_threads_to_cpus()
+    tune_process()
     try:
         return _dispatch(COMMANDS, USAGE, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_request:  # --help

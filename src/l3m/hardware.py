@@ -8,13 +8,19 @@ whole demo 0.88x on a 2-core AMD EPYC with ``avx512_bf16``; docs/benchmark.md).
 torch starts one thread per core it sees; in a container with a CPU quota (``docker run --cpus 2`` on a 64-core
 host) that is one per host core, and the oversubscribed threads slow every matrix product. ``l3m``'s commands lower
 the thread count to the quota (:func:`match_threads_to_cpus`).
+
+glibc's ``malloc`` hands large freed blocks back to the operating system, so every training step's activations come
+from fresh pages that the kernel faults in and zeroes again; ``l3m``'s commands keep freed memory in the process
+instead (:func:`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
+import platform
 
 logger = logging.getLogger("l3m")
 
@@ -109,3 +115,36 @@ def match_threads_to_cpus(root: str = "/sys/fs/cgroup") -> int | None:
         return None
     torch.set_num_threads(cpus)
     return cpus
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep the memory this process frees for its next allocations; returns whether it did.
+
+    By default glibc serves each block above its mmap threshold (128 KB, adaptively up to 32 MB) with its own
+    ``mmap`` and unmaps it when it is freed, and it trims the heap back whenever its free top exceeds the trim
+    threshold. A training step allocates and frees its activations and gradients (hundreds of MB on the demo
+    model), so the next step's come from new pages, each faulted in and zeroed by the kernel: on the demo's
+    constraint step 1-4 s of system time in the log-prob forward alone (docs/benchmark.md). Here every block comes
+    from the heap (``M_MMAP_MAX`` 0) and the heap is trimmed only when more than 2 GB at its top are free
+    (``M_TRIM_THRESHOLD``, a C int), so the process keeps its peak memory and reuses it. No arithmetic changes.
+
+    A user's own choice stays: with any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``
+    set, or on a C library other than glibc (macOS, musl), nothing is changed and False is returned.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    if any(key.startswith("MALLOC_") for key in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def tune_process() -> None:
+    """What every ``l3m`` command does first: torch's thread count down to the cores this process may use
+    (:func:`match_threads_to_cpus`) and freed memory kept for reuse (:func:`keep_freed_memory`)."""
+    match_threads_to_cpus()
+    keep_freed_memory()

@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from l3m.errors import L3MError
-from l3m.hardware import available_cpus, available_memory_gb
+from l3m.hardware import available_cpus, available_memory_gb, keep_freed_memory
 
 logger = logging.getLogger("l3m")
 
@@ -90,6 +90,7 @@ def _start_worker(threads: int, queue, levels: dict[str, int]) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    keep_freed_memory()
     handler = logging.handlers.QueueHandler(queue)
     run_name = _RunName()
     handler.addFilter(run_name)
