@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc as it comes")
     parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps (phases: their sums)")
     args = parser.parse_args()
     if not args.default_malloc:
         keep_freed_memory()
@@ -82,12 +83,16 @@ def main() -> None:
     for seed in range(args.warmup):
         torch.manual_seed(seed)
         step()
-    torch.manual_seed(args.warmup)
+    phases = {}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        phases = step()
+        for seed in range(args.warmup, args.warmup + args.steps):
+            torch.manual_seed(seed)
+            for phase, used in step().items():
+                phases[phase] = tuple(a + b for a, b in zip(phases.get(phase, (0, 0, 0)), used))
     total = sum(user + system for user, system, _ in phases.values())
     print(f"prompts {tuple(batch['prompt_input_ids'].shape)}, {args.num_generations} samples each, "
-          f"{'whole sequences' if args.whole else 'shared prompts'}; threads {torch.get_num_threads()}; "
+          f"{'whole sequences' if args.whole else 'shared prompts'}; {args.steps} step(s); threads "
+          f"{torch.get_num_threads()}; "
           f"{'default malloc' if args.default_malloc else 'freed memory kept'}")
     print(f"  {'phase':<18} {'CPU s':>6}  {'share':>5}  {'system s':>8}  {'page faults':>11}")
     for phase, (user, system, faults) in phases.items():
