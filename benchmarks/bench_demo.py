@@ -272,6 +272,10 @@ def main(argv=None) -> None:
         for result in results:
             print(f"\n{result['commit']}:\n{generation_table(result, best)}")
         return
+    import l3m.hardware
+
+    if hasattr(l3m.hardware, "tune_process"):  # what `l3m demo` does first (commits before c5b2262 lack it)
+        l3m.hardware.tune_process()
     result = run(args)
     print("\n" + parts_table([result]) + "\n\n" + generation_table(result))
     if args.json:
