@@ -1,5 +1,5 @@
-"""Where the time of one L3M constraint step goes: phases (sampling, log-prob forward, backward; CPU seconds of
-this process, its system part and page faults) and top operators.
+"""Where the time of an L3M constraint step goes: phases (sampling, log-prob forward, backward; CPU seconds of
+this process, its system part and page faults, summed over ``--steps`` steps) and the top operators of one more.
 
     python benchmarks/profile_constraint_step.py            # the demo model, B=4 prompts x G=4 samples, 24 tokens
     python benchmarks/profile_constraint_step.py --whole    # without sharing each prompt's prefix (for comparison)
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc as it comes")
     parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
-    parser.add_argument("--steps", type=int, default=1, help="profiled steps (phases: their sums)")
+    parser.add_argument("--steps", type=int, default=1, help="measured steps (phases: their sums); then one profiled")
     args = parser.parse_args()
     if not args.default_malloc:
         keep_freed_memory()
@@ -83,12 +83,13 @@ def main() -> None:
     for seed in range(args.warmup):
         torch.manual_seed(seed)
         step()
-    phases = {}
+    phases = {}  # measured without the profiler, whose own records take memory as the steps run
+    for seed in range(args.warmup, args.warmup + args.steps):
+        torch.manual_seed(seed)
+        for phase, used in step().items():
+            phases[phase] = tuple(a + b for a, b in zip(phases.get(phase, (0, 0, 0)), used))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for seed in range(args.warmup, args.warmup + args.steps):
-            torch.manual_seed(seed)
-            for phase, used in step().items():
-                phases[phase] = tuple(a + b for a, b in zip(phases.get(phase, (0, 0, 0)), used))
+        step()
     total = sum(user + system for user, system, _ in phases.values())
     print(f"prompts {tuple(batch['prompt_input_ids'].shape)}, {args.num_generations} samples each, "
           f"{'whole sequences' if args.whole else 'shared prompts'}; {args.steps} step(s); threads "
