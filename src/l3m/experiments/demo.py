@@ -39,8 +39,8 @@ class DemoRun:
                            **options)]
 
 
-# a run's peak RSS was 3.5-4.7 GB (float32, 2026-12-03; results.json's peak_memory_mb): the default num_proc starts
-# no more runs at once than the available memory holds at this much each
+# a run's peak RSS was 3.4-4.6 GB, 4.2-4.5 GB with freed memory kept (float32, 2026-12-03; results.json's
+# peak_memory_mb): the default num_proc starts no more runs at once than the available memory holds at this much each
 RUN_MEMORY_GB = 5.0
 
 DEMO_RUNS = (
