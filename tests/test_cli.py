@@ -51,6 +51,25 @@ def test_train_from_a_yaml_config_saves_the_model(trained):
     assert (trained["output_dir"] / "config.json").is_file()
 
 
+def test_train_samples_the_constraint_steps_from_constraint_dataset_name(assets, tmp_path, monkeypatch):
+    from l3m.training.trainer import L3MTrainer
+
+    sampled_for = []
+    constraint_loss = L3MTrainer._constraint_loss
+
+    def record(self, model, inputs):
+        sampled_for.extend(inputs["prompts"])
+        return constraint_loss(self, model, inputs)
+
+    monkeypatch.setattr(L3MTrainer, "_constraint_loss", record)
+    prompts = write_jsonl(tmp_path / "deployed.jsonl", [{"prompt": [{"role": "user", "content": "tell me more"}]}])
+    output_dir = tmp_path / "run"
+    config = _write_yaml(tmp_path / "tiny.yaml", _values(assets, output_dir, constraint_dataset_name=prompts))
+    assert main(["train", "--config", config]) == 0
+    assert (output_dir / "model.safetensors").is_file()
+    assert sampled_for and all("tell me more" in prompt for prompt in sampled_for)
+
+
 def test_command_line_flags_override_the_yaml_file(assets, tmp_path):
     output_dir = tmp_path / "run"
     config = _write_yaml(tmp_path / "tiny.yaml", _values(assets, output_dir, max_steps=4, mu_final=1e-4,
@@ -157,6 +176,8 @@ def _assert_one_line_error(capsys, output_dir, code, prefix, *fragments):
         ("empty_dataset", "dataset_name: ", ["empty"]),
         ("dataset_without_columns", "dataset_name: ", ["messages"]),
         ("model_folder_missing", "model_name_or_path: ", ["no-such-model"]),
+        ("constraint_prompts_missing", "constraint_dataset_name: ", ["no-such-prompts.jsonl"]),
+        ("constraint_prompts_without_columns", "constraint_dataset_name: ", ["['text']", "expected 'prompt'"]),
     ],
 )
 def test_bad_config_is_one_line_error_and_writes_nothing(assets, tmp_path, capsys, case, prefix, fragments):
@@ -170,6 +191,9 @@ def test_bad_config_is_one_line_error_and_writes_nothing(assets, tmp_path, capsy
         "dataset_without_columns": {
             "dataset_name": write_jsonl(tmp_path / "text.jsonl", [{"text": f"w{i} w{i + 1}"} for i in range(40)])},
         "model_folder_missing": {"model_name_or_path": str(tmp_path / "no-such-model")},
+        "constraint_prompts_missing": {"constraint_dataset_name": str(tmp_path / "no-such-prompts.jsonl")},
+        "constraint_prompts_without_columns": {
+            "constraint_dataset_name": write_jsonl(tmp_path / "prompts.jsonl", [{"text": "hello"}])},
     }[case]
     config = _write_yaml(tmp_path / "bad.yaml", _values(assets, output_dir, **overrides))
     code = main(["train", "--config", config])

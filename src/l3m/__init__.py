@@ -1,6 +1,6 @@
 """l3m: constrained fine-tuning of LLMs with log barriers (L3Ms, Lagrange Large Language Models)."""
 
-from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+from l3m.config import L3MConfig, ModelConfig, ScriptArguments, TrainScriptArguments
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError, L3MDataError, L3MError, L3MTrainingStopped
 from l3m.rewards.training import RewardConfig, RewardModelTrainer
@@ -26,4 +26,5 @@ __all__ = [
     "RewardConfig",
     "RewardModelTrainer",
     "ScriptArguments",
+    "TrainScriptArguments",
 ]

@@ -315,6 +315,22 @@ class ScriptArguments:
 
 
 @dataclass
+class TrainScriptArguments(ScriptArguments):
+    """``l3m train``'s data: the task data, and optionally prompts of the user's own for the constraint steps."""
+
+    constraint_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Prompts the constraint steps sample responses to, e.g. the prompts the model will be deployed "
+                          "on: a hub dataset or local .json/.jsonl/.parquet file or folder with a 'prompt' column (or "
+                          "task data, whose answers are not used). Default: the task data's prompts. The constraints "
+                          "are estimated, and met, on these prompts (docs/solver.md)."},
+    )
+    constraint_dataset_config: str | None = field(
+        default=None, metadata={"help": "The constraint prompts' hub configuration name."})
+    constraint_dataset_split: str = field(default="train", metadata={"help": "The split of constraint prompts."})
+
+
+@dataclass
 class EvalArguments:
     """What ``l3m eval`` evaluates, and where the result goes."""
 

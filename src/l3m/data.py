@@ -68,24 +68,39 @@ def load_task_splits(
     return DatasetDict(out)
 
 
-def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | None = None) -> DatasetDict:
+def load_prompt_split(dataset_name: str, dataset_config: str | None, split: str,
+                      field: str = "constraint_dataset_name") -> Dataset:
+    """Split ``split`` of a hub dataset or local JSON/JSONL/Parquet file or folder, as it is (prompts for
+    :func:`prepare_prompts`); errors name ``field``."""
+    raw = _load_raw(dataset_name, dataset_config, field=field)
+    if split not in raw:
+        raise L3MDataError(f"{field}: {dataset_name!r} has no split {split!r} (it has {list(raw)}); set "
+                           f"{field.removesuffix('_name')}_split")
+    columns = raw[split].column_names
+    if not {"prompt", "messages"} & set(columns):
+        raise L3MDataError(f"{field}: {dataset_name!r} has columns {sorted(columns)}; expected 'prompt' or 'messages'")
+    return raw[split]
+
+
+def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | None = None,
+              field: str = "dataset_name") -> DatasetDict:
     if os.path.exists(dataset_name):
         if os.path.isdir(dataset_name):
             files = sorted(os.path.join(dataset_name, f) for f in os.listdir(dataset_name))
             files = [f for f in files if os.path.splitext(f)[1] in _LOCAL_BUILDERS]
             if not files:
-                raise L3MDataError(f"dataset_name: folder {dataset_name!r} holds no .json/.jsonl/.parquet files")
+                raise L3MDataError(f"{field}: folder {dataset_name!r} holds no .json/.jsonl/.parquet files")
         else:
             files = [dataset_name]
         if all(os.path.getsize(f) == 0 for f in files):
-            raise L3MDataError(f"dataset_name: {dataset_name!r} is empty (no examples)")
+            raise L3MDataError(f"{field}: {dataset_name!r} is empty (no examples)")
         extensions = {os.path.splitext(f)[1] for f in files}
         builders = {_LOCAL_BUILDERS.get(ext) for ext in extensions}
         if None in builders or len(builders) != 1:
-            raise L3MDataError(f"dataset_name: expected .json, .jsonl or .parquet files, got {sorted(extensions)}")
+            raise L3MDataError(f"{field}: expected .json, .jsonl or .parquet files, got {sorted(extensions)}")
         if builders == {"json"}:
             for f in files:
-                _check_utf8(f)
+                _check_utf8(f, field)
         # a folder of train/validation/test files keeps those splits; any other files are all training data
         stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
         by_split = ({stem: [f] for stem, f in zip(stems, files)} if "train" in stems and len(set(stems)) == len(stems)
@@ -93,15 +108,15 @@ def _load_raw(dataset_name: str, dataset_config: str | None, data_dir: str | Non
         try:
             return load_dataset(builders.pop(), data_files=by_split)
         except Exception as err:  # datasets raises many types for malformed files
-            raise L3MDataError(f"dataset_name: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
+            raise L3MDataError(f"{field}: cannot read {dataset_name!r}: {err or type(err).__name__}") from err
     try:
         return load_dataset(dataset_name, dataset_config, data_dir=data_dir)
     except Exception as err:  # no such local path, and the hub has no such dataset or cannot be reached
-        raise L3MDataError(f"dataset_name: {dataset_name!r} is neither a local file or folder nor a loadable hub "
+        raise L3MDataError(f"{field}: {dataset_name!r} is neither a local file or folder nor a loadable hub "
                            f"dataset ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
-def _check_utf8(path: str) -> None:
+def _check_utf8(path: str, field: str) -> None:
     """Fail, naming the file and the byte offset, unless ``path`` is UTF-8 text (JSON must be)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
@@ -110,13 +125,13 @@ def _check_utf8(path: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                raise L3MDataError(f"dataset_name: {path} is not UTF-8 text (byte {chunk[err.start]:#04x} at offset "
+                raise L3MDataError(f"{field}: {path} is not UTF-8 text (byte {chunk[err.start]:#04x} at offset "
                                    f"{offset + err.start}); re-save it as UTF-8") from None
             offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise L3MDataError(f"dataset_name: {path} is not UTF-8 text (it ends inside a character); re-save it as "
+            raise L3MDataError(f"{field}: {path} is not UTF-8 text (it ends inside a character); re-save it as "
                                "UTF-8") from None
 
 
@@ -164,18 +179,28 @@ def render_example(example: dict[str, Any], tokenizer, rng: random.Random) -> tu
             f"dataset: an example has columns {sorted(example)}; expected 'messages' or 'prompt' and 'completion'"
         )
     if tokenizer.chat_template:
-        prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        prompt_text = render_prompt(prompt_messages, tokenizer)
         full_text = tokenizer.apply_chat_template(prompt_messages + [response], tokenize=False)
         if full_text.startswith(prompt_text):
             return prompt_text, full_text[len(prompt_text):], response["content"]
-    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt_messages) + "assistant: "
-    return prompt_text, response["content"], response["content"]
+    return _plain_prompt(prompt_messages), response["content"], response["content"]
+
+
+def render_prompt(prompt_messages: list[dict], tokenizer) -> str:
+    """The text a response to ``prompt_messages`` is sampled after: the chat template with its generation prompt,
+    or plain ``role: content`` lines ending in ``assistant: `` for a tokenizer without a template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    return _plain_prompt(prompt_messages)
+
+
+def _plain_prompt(prompt_messages: list[dict]) -> str:
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt_messages) + "assistant: "
 
 
 def tokenize_example(prompt_text: str, completion_text: str, tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the completion; the completion ends at (and includes) its first EOS."""
-    uses_template = bool(tokenizer.chat_template)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not uses_template)["input_ids"]
+    prompt_ids = tokenize_prompt(prompt_text, tokenizer)
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos in completion_ids:
@@ -183,6 +208,11 @@ def tokenize_example(prompt_text: str, completion_text: str, tokenizer) -> tuple
     else:
         completion_ids = completion_ids + [eos]
     return prompt_ids, completion_ids
+
+
+def tokenize_prompt(prompt_text: str, tokenizer) -> list[int]:
+    """Token ids of a rendered prompt (the chat template already holds any special tokens the model expects)."""
+    return tokenizer(prompt_text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
 def check_columns(dataset: Dataset, name: str, field: str = "dataset") -> None:
@@ -230,6 +260,70 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
     if len(kept) == 0:
         raise L3MDataError(f"max_length: all {len(encoded)} {name} examples exceed {max_length} tokens; raise it")
     return kept
+
+
+def prepare_prompts(dataset: Dataset, tokenizer, max_length: int, seed: int = 42, name: str = "train",
+                    field: str = "constraint_dataset") -> Dataset:
+    """Render and tokenize prompts that constraint steps sample responses for, in :func:`prepare_dataset`'s columns
+    with an empty ``completion_ids`` and ``reference``: prompts without answers (e.g. the prompts a model will be
+    deployed on), which an objective step never reads.
+
+    Accepted: task data (``messages``, whose prompt is the dialogue before one random assistant turn as in
+    training, or the whole conversation when it ends with a user turn; ``prompt``/``completion``, whose prompt is
+    kept) or a ``prompt`` column alone (text used as it is, or a list of messages rendered with the chat template's
+    generation prompt). Prompts longer than ``max_length`` tokens are dropped and counted.
+    """
+    columns = set(dataset.column_names)
+    if len(dataset) == 0:
+        raise L3MDataError(f"{field}: the {name} split is empty")
+    if not columns & {"messages", "prompt"}:
+        raise L3MDataError(f"{field}: the {name} split has columns {sorted(columns)}; expected 'prompt' or "
+                           "'messages'")
+
+    def _encode(example, idx):
+        rng = random.Random(seed * 1_000_003 + idx)  # as prepare_dataset: the turn depends only on seed and index
+        try:
+            prompt_text = _prompt_text(example, tokenizer, rng, field)
+        except L3MDataError as err:
+            raise L3MDataError(f"{err} (in {name} example {idx})") from None
+        return {"prompt": prompt_text, "reference": "", "prompt_ids": tokenize_prompt(prompt_text, tokenizer),
+                "completion_ids": []}
+
+    encoded = dataset.map(_encode, with_indices=True, remove_columns=dataset.column_names,
+                          desc=f"Tokenizing {field}")
+    kept = encoded.filter(lambda ex: len(ex["prompt_ids"]) <= max_length, desc=f"Filtering {field} to max_length")
+    if len(kept) < len(encoded):
+        logger.warning("%s: dropped %d of %d prompts longer than max_length=%d", field, len(encoded) - len(kept),
+                       len(encoded), max_length)
+    if len(kept) == 0:
+        raise L3MDataError(f"max_length: all {len(encoded)} {field} prompts exceed {max_length} tokens; raise it")
+    return kept
+
+
+def _prompt_text(example: dict[str, Any], tokenizer, rng: random.Random, field: str) -> str:
+    messages = example.get("messages")
+    if messages is not None:
+        check_messages(messages, "messages")
+        if messages and messages[-1]["role"] == "user":
+            return render_prompt(messages, tokenizer)
+        return render_prompt(split_conversation(example, rng)[0], tokenizer)
+    prompt = example.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        check_messages(prompt, "prompt")
+        return render_prompt(prompt, tokenizer)
+    raise L3MDataError(f"{field}: expected a prompt as text or a list of messages, got {prompt!r}")
+
+
+def with_constraint_prompts(train: Dataset, prompts: Dataset) -> Dataset:
+    """``train`` (prepared task data) followed by ``prompts`` (:func:`prepare_prompts`), in the columns both have:
+    one dataset for the trainer's sampler, whose constraint steps read only the rows after ``len(train)``."""
+    from datasets import concatenate_datasets
+
+    columns = [c for c in train.column_names if c in prompts.column_names]
+    train = train.select_columns(columns)
+    return concatenate_datasets([train, prompts.select_columns(columns).cast(train.features)])
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

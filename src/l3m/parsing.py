@@ -149,11 +149,12 @@ def parse_command(types: tuple, argv: list[str], prog: str, description: str) ->
 def parse_train_args(argv: list[str], *extra_types, prog: str = "", description: str = "", grpo: bool = False) -> tuple:
     """``(script_args, training_args, model_args, *extras)`` of ``l3m train``'s arguments (plus ``extra_types``);
     with ``grpo``, of ``l3m grpo``'s (``training_args`` a :class:`l3m.ConstrainedGRPOConfig`)."""
-    from l3m.config import L3MConfig, ModelConfig, ScriptArguments, TrainerModelConfig
+    from l3m.config import L3MConfig, ModelConfig, ScriptArguments, TrainerModelConfig, TrainScriptArguments
     from l3m.training.grpo_config import ConstrainedGRPOConfig
 
-    configs = (ConstrainedGRPOConfig, TrainerModelConfig) if grpo else (L3MConfig, ModelConfig)
-    return parse_command((ScriptArguments, *configs, *extra_types), argv, prog or f"l3m {'grpo' if grpo else 'train'}",
+    configs = (ScriptArguments, ConstrainedGRPOConfig, TrainerModelConfig) if grpo else (
+        TrainScriptArguments, L3MConfig, ModelConfig)
+    return parse_command((*configs, *extra_types), argv, prog or f"l3m {'grpo' if grpo else 'train'}",
                          description or ("GRPO (TRL's GRPOTrainer) on a reward under reward constraints weighted by "
                                          "an l3m solver." if grpo else "Fine-tune a model under reward constraints "
                                          "(L3M)."))

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 def train_from_args(script_args, training_args, model_args) -> str:
     """``l3m train``: train on ``script_args``' data with ``training_args`` (an :class:`l3m.L3MConfig`) from
-    ``model_args``' model (with LoRA when ``use_peft``), resuming when ``resume_from_checkpoint`` is set; returns
-    where the model was saved. Data errors surface before the slow model load."""
+    ``model_args``' model (with LoRA when ``use_peft``), the constraint steps on ``constraint_dataset_name``'s prompts
+    when given, resuming when ``resume_from_checkpoint`` is set; returns where the model was saved. Data errors
+    surface before the slow model load."""
+    from l3m.data import load_prompt_split
+    from l3m.loading import resolve_dataset_name
     from l3m.training.trainer import L3MTrainer
 
-    return _train_and_save(L3MTrainer, script_args, training_args, model_args)
+    prompts = getattr(script_args, "constraint_dataset_name", None)
+    extra = {} if not prompts else {"constraint_dataset": load_prompt_split(
+        resolve_dataset_name(prompts), script_args.constraint_dataset_config, script_args.constraint_dataset_split)}
+    return _train_and_save(L3MTrainer, script_args, training_args, model_args, **extra)
 
 
 def grpo_from_args(script_args, grpo_args, model_args) -> str:
@@ -24,7 +30,7 @@ def grpo_from_args(script_args, grpo_args, model_args) -> str:
     return _train_and_save(ConstrainedGRPOTrainer, script_args, grpo_args, model_args, check=check_prompt_columns)
 
 
-def _train_and_save(trainer_class, script_args, args, model_args, check=None) -> str:
+def _train_and_save(trainer_class, script_args, args, model_args, check=None, **trainer_kwargs) -> str:
     from trl import get_peft_config
 
     from l3m.loading import load_model_and_tokenizer, load_splits
@@ -33,7 +39,7 @@ def _train_and_save(trainer_class, script_args, args, model_args, check=None) ->
     model, tokenizer = load_model_and_tokenizer(model_args)
     trainer = trainer_class(model=model, args=args, train_dataset=splits["train"],
                             eval_dataset=splits["validation"] if args.eval_strategy != "no" else None,
-                            processing_class=tokenizer, peft_config=get_peft_config(model_args))
+                            processing_class=tokenizer, peft_config=get_peft_config(model_args), **trainer_kwargs)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return args.output_dir

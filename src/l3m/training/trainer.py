@@ -25,7 +25,7 @@ from l3m.config import L3MConfig, ModelConfig
 from l3m.confidence import RunningConfidence, StepStatistics, pooled_statistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
-from l3m.data import CompletionCollator, prepare_dataset
+from l3m.data import CompletionCollator, prepare_dataset, prepare_prompts, with_constraint_prompts
 from l3m.errors import L3MConfigError
 from l3m.hardware import warn_slow_bf16
 from l3m.loading import load_model_and_tokenizer, load_tokenizer
@@ -51,6 +51,10 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         train_dataset / eval_dataset: `datasets.Dataset` with ``messages`` or ``prompt``/``completion`` columns.
         processing_class: the tokenizer; loaded from the model's folder when omitted.
         constraints: :class:`l3m.Constraint` s or records; defaults to ``args.constraints``.
+        constraint_dataset: prompts for the constraint steps (:func:`l3m.data.prepare_prompts`: a ``prompt``
+            column, or task data whose answers are not used), e.g. the prompts the model will be deployed on; by
+            default constraint steps sample responses to the task data's prompts. Objective steps read
+            ``train_dataset`` either way.
         peft_config: a `peft.PeftConfig` to train an adapter instead of all weights.
     """
 
@@ -62,6 +66,7 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         eval_dataset=None,
         processing_class=None,
         constraints: list[Constraint | dict] | None = None,
+        constraint_dataset=None,
         peft_config=None,
         callbacks=None,
         optimizers=(None, None),
@@ -92,6 +97,13 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         self.bounds = [] if args.solver == "sft" else [bound for c in self.constraints for bound in c.bounds()]
         train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.seed, "train",
                                         field="train_dataset")
+        self._constraint_prompts = 0  # rows of train_dataset after the task examples: the constraint steps' prompts
+        if constraint_dataset is not None:
+            if not self.constraints:
+                raise L3MConfigError("constraint_dataset: given, but there are no constraints to sample it for")
+            prompts = prepare_prompts(constraint_dataset, processing_class, args.max_length, args.seed)
+            train_dataset = with_constraint_prompts(train_dataset, prompts)
+            self._constraint_prompts = len(prompts)
         if eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.seed, "eval",
                                            field="eval_dataset")
@@ -131,7 +143,8 @@ class L3MTrainer(SolverTrainerMixin, Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         args = self.args
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return CoinSampler(len(dataset), per_step, args.seed, self._is_constraint_step)
+        return CoinSampler(len(dataset) - self._constraint_prompts, per_step, args.seed, self._is_constraint_step,
+                           constraint_examples=self._constraint_prompts)
 
     def _is_constraint_step(self, step: int) -> bool:
         args = self.args
