@@ -17,13 +17,16 @@ def _split(categories: list[str]) -> Dataset:
 
 def test_held_out_categories_leave_every_split_and_make_the_shift_set():
     splits = {"train": _split(["tech"] * 6 + ["trivia"] * 3), "test": _split(["tech", "trivia", "history"])}
-    kept, shift = shift_splits(splits, ["trivia", "history"], size=3, seed=0)
+    kept, shift, rest = shift_splits(splits, ["trivia", "history"], size=3, seed=0)
     assert set(kept["train"]["category"]) == {"tech"} and len(kept["train"]) == 6
     assert kept["test"]["category"] == ["tech"]
     assert len(shift) == 3 and set(shift["category"]) <= {"trivia", "history"}
-    _, everything = shift_splits(splits, ["trivia", "history"], size=100, seed=0)
-    assert len(everything) == 5  # 3 + 1 trivia, 1 history: at most what exists
-    assert shift_splits(splits, [], size=3, seed=0) == (splits, None)
+    # the other two held-out conversations: the constraint prompts of --shift_prompts, never the evaluated ones
+    questions = {name: {m[0]["content"] for m in split["messages"]} for name, split in (("shift", shift), ("rest", rest))}
+    assert len(rest) == 2 and not questions["rest"] & questions["shift"]
+    _, everything, none_left = shift_splits(splits, ["trivia", "history"], size=100, seed=0)
+    assert len(everything) == 5 and len(none_left) == 0  # 3 + 1 trivia, 1 history: at most what exists
+    assert shift_splits(splits, [], size=3, seed=0) == (splits, None, None)
 
 
 def test_an_unknown_category_is_a_one_line_error_that_lists_the_known_ones():

@@ -85,10 +85,16 @@ class DemoSettings(TargetSettings, RunSettings):
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
+    shift_prompts: bool = field(default=False, metadata={
+        "help": "With shift_categories: the L3Ms' constraint steps sample the prompts of the training split and of "
+                "the held-out categories' conversations that are not evaluated (prompts a user has without answers: "
+                "L3MTrainer's constraint_dataset); their objective steps and SFT still never see those categories."})
 
     def __post_init__(self):
         if self.max_completion_length is None:
             self.max_completion_length = self.eval_max_new_tokens
+        if self.shift_prompts and not self.shift_categories:
+            raise L3MConfigError("shift_prompts: needs shift_categories (the categories whose prompts to sample)")
         if self.num_proc is not None and self.num_proc < 1:
             raise L3MConfigError(f"num_proc: expected at least 1 (1 runs one run after another), got {self.num_proc}")
         for run in DEMO_RUNS:  # a bad constraint option fails here, not after the first runs have trained
@@ -100,13 +106,13 @@ class DemoSettings(TargetSettings, RunSettings):
                 **self.target_options()}
 
 
-def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None]:
-    """``(splits, shift)``: with ``categories``, every split without their conversations and a shift set of up to
-    ``size`` of them (shuffled with ``seed``); without, the splits as they are and None."""
+def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> tuple[dict, object | None, object]:
+    """``(splits, shift, rest)``: with ``categories``, every split without their conversations, a shift set of up to
+    ``size`` of them (shuffled with ``seed``) and the rest of them; without, the splits as they are and None twice."""
     from datasets import concatenate_datasets
 
     if not categories:
-        return splits, None
+        return splits, None, None
     known = sorted(set().union(*(split.unique("category") for split in splits.values()
                                  if "category" in split.column_names)))
     unknown = sorted(set(categories) - set(known))
@@ -117,7 +123,9 @@ def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> t
     kept = {name: split.filter(lambda e: e["category"] not in held) for name, split in splits.items()}
     shift = concatenate_datasets([split.filter(lambda e: e["category"] in held) for split in splits.values()])
     shift = shift.shuffle(seed=seed)
-    return kept, shift.select(range(min(size, len(shift))))
+    evaluated = min(size, len(shift))
+    rest = shift.select(range(evaluated, len(shift))) if evaluated < len(shift) else shift.select([])
+    return kept, shift.select(range(evaluated)), rest
 
 
 def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> list[dict]:
@@ -130,16 +138,23 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     started = time.time()
     splits = load_splits(ScriptArguments(dataset_name="demo", test_size=settings.test_size,
                                          validation_size=settings.test_size), settings.seed)
-    splits, shift = shift_splits(splits, settings.shift_categories, settings.test_size, settings.seed)
+    splits, shift, rest = shift_splits(splits, settings.shift_categories, settings.test_size, settings.seed)
     if shift is not None:
         print(f"Shift test: {', '.join(settings.shift_categories)} held out of training; {len(shift)} of their "
               f"conversations evaluated beside {len(splits['test'])} in-distribution ones", flush=True)
+    prompts = None
+    if settings.shift_prompts:
+        from datasets import concatenate_datasets
+
+        prompts = concatenate_datasets([splits["train"], rest])
+        print(f"Constraint steps sample the prompts of the training split and of the other {len(rest)} held-out "
+              "conversations (their answers unused)", flush=True)
     jobs = []
     for run in runs:
         steps = settings.max_steps if run.max_steps is None else run.max_steps
         if run.match_objective_steps:
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
-        jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift), steps,
+        jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift, prompts), steps,
                         os.path.join(settings.run_dir(run.name), "output.log")))
     processes, threads = plan_processes(settings.num_proc, len(jobs), gb_per_process=RUN_MEMORY_GB)
     if processes == 1:
@@ -165,9 +180,10 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
     return records
 
 
-def train_run(settings: DemoSettings, run: DemoRun, steps: int, splits: dict, shift, progress=None) -> dict:
-    """Train and evaluate one of the demo's runs for ``steps`` optimizer steps; its result record. ``progress``:
-    trainer callbacks."""
+def train_run(settings: DemoSettings, run: DemoRun, steps: int, splits: dict, shift, prompts=None,
+              progress=None) -> dict:
+    """Train and evaluate one of the demo's runs for ``steps`` optimizer steps; its result record. ``prompts``: the
+    constrained runs' constraint prompts (default: the training split's); ``progress``: trainer callbacks."""
     from l3m.config import ModelConfig
 
     args = settings.training_args(run.name, steps, mu_final=settings.mu_final)
@@ -175,7 +191,8 @@ def train_run(settings: DemoSettings, run: DemoRun, steps: int, splits: dict, sh
                                 constraints=run.constraints(**settings.constraint_options()),
                                 eval_constraints=run.constraints() or _length_probe(),
                                 eval_max_new_tokens=settings.eval_max_new_tokens, train=steps > 0, save=True,
-                                description=f"Evaluating {run.name}", shift_dataset=shift, callbacks=progress)
+                                description=f"Evaluating {run.name}", shift_dataset=shift, callbacks=progress,
+                                constraint_dataset=prompts if run.constraints() else None)
     return {"run": asdict(run), "steps": steps, **result}
 
 

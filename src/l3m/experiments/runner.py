@@ -107,11 +107,11 @@ class TargetSettings:
 def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraints: Sequence[Constraint] | None = None,
                        eval_constraints: Sequence[Constraint] | None = None, eval_max_new_tokens: int = 64,
                        train: bool = True, save: bool = False, description: str = "Evaluating",
-                       shift_dataset=None, callbacks=None) -> dict:
+                       shift_dataset=None, callbacks=None, constraint_dataset=None) -> dict:
     """Train one method from the initial model (``args``: its :class:`l3m.L3MConfig`; ``constraints`` default to
     ``args.constraints``), then evaluate it on ``test_dataset`` under ``eval_constraints`` (default: the training
     constraints) with the sampling settings of ``args``. ``train=False`` evaluates the initial model. ``callbacks``
-    go to the trainer.
+    and ``constraint_dataset`` (the constraint steps' prompts) go to the trainer.
 
     Returns the evaluation (:func:`l3m.evaluation.evaluate_model`) plus ``train_seconds``, ``eval_seconds``, the peak
     memory of the run and the solver's final state; with a ``shift_dataset``, its evaluation too, as ``shift``.
@@ -130,7 +130,8 @@ def train_and_evaluate(args, model_args, train_dataset, test_dataset, constraint
     if shift_dataset is not None:
         tests["shift"] = prepare_dataset(shift_dataset, tokenizer, args.max_length, args.seed, "shift")
     trainer = L3MTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                         constraints=constraints, peft_config=get_peft_config(model_args), callbacks=callbacks)
+                         constraints=constraints, peft_config=get_peft_config(model_args), callbacks=callbacks,
+                         constraint_dataset=constraint_dataset)
     memory = PeakMemory(trainer.model)
     started = time.time()
     if train:
