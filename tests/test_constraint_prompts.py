@@ -34,6 +34,14 @@ def test_constraint_steps_read_only_the_prompts_after_the_task_examples():
         else:
             assert batch == before  # objective steps: the very batches a run without the prompts reads
     assert any(coin(step) for step in range(5)) and not all(coin(step) for step in range(5))
+    # a resumed run (epoch 1 on its own) reads what the run that went on into it read
+    two_epochs = []
+    for epoch in (0, 1):
+        with_prompts.set_epoch(epoch)
+        two_epochs += list(with_prompts)
+    resumed = CoinSampler(20, 4, 1, coin, constraint_examples=6)
+    resumed.set_epoch(1)
+    assert list(resumed) == two_epochs[20:]
 
 
 def test_the_trainer_samples_the_constraint_dataset_and_trains_on_the_task_data(tmp_path):

@@ -44,3 +44,10 @@ def test_the_table_gains_the_shift_columns_only_with_a_shift_test():
     shifted = {**record, "shift": {"summary": {**summary, "length_mean": 9.4, "length/satisfied": False}}}
     row = demo_table([shifted]).splitlines()[-1]
     assert row.split()[-4:] == ["9.4", "±", "2.0", "NO"]
+
+
+def test_shift_prompts_without_categories_is_a_one_line_error():
+    from l3m.experiments.demo import DemoSettings
+
+    with pytest.raises(L3MConfigError, match=r"^shift_prompts: needs shift_categories"):
+        DemoSettings(shift_prompts=True)
