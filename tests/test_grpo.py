@@ -205,7 +205,7 @@ def test_bad_input_is_one_line(tmp_path):
         make_grpo(tmp_path, reward="lenght")
     with pytest.raises(L3MConfigError, match="^reward_weights: 2 weights for 1 objective rewards"):
         make_grpo(tmp_path, reward_weights=[1.0, 2.0])
-    with pytest.raises(L3MDataError, match=r"^train_dataset: has columns \['text'\]"):
+    with pytest.raises(L3MDataError, match=r"^train_dataset: the train split has columns \['text'\]"):
         make_grpo(tmp_path, data=[{"text": "w1"}])
     with pytest.raises(L3MConfigError, match="^mu_init: expected a finite number, got nan$"):
         ConstrainedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, mu_init=float("nan"))

@@ -262,6 +262,15 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
     return kept
 
 
+def check_prompt_columns(dataset: Dataset, name: str = "train", field: str = "train_dataset") -> None:
+    """Fail early, naming ``field``, when a split of prompts is empty or has neither ``prompt`` nor ``messages``."""
+    columns = set(dataset.column_names)
+    if len(dataset) == 0:
+        raise L3MDataError(f"{field}: the {name} split is empty")
+    if not columns & {"prompt", "messages"}:
+        raise L3MDataError(f"{field}: the {name} split has columns {sorted(columns)}; expected 'prompt' or 'messages'")
+
+
 def prepare_prompts(dataset: Dataset, tokenizer, max_length: int, seed: int = 42, name: str = "train",
                     field: str = "constraint_dataset") -> Dataset:
     """Render and tokenize prompts that constraint steps sample responses for, in :func:`prepare_dataset`'s columns
@@ -273,12 +282,7 @@ def prepare_prompts(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
     kept) or a ``prompt`` column alone (text used as it is, or a list of messages rendered with the chat template's
     generation prompt). Prompts longer than ``max_length`` tokens are dropped and counted.
     """
-    columns = set(dataset.column_names)
-    if len(dataset) == 0:
-        raise L3MDataError(f"{field}: the {name} split is empty")
-    if not columns & {"messages", "prompt"}:
-        raise L3MDataError(f"{field}: the {name} split has columns {sorted(columns)}; expected 'prompt' or "
-                           "'messages'")
+    check_prompt_columns(dataset, name, field)
 
     def _encode(example, idx):
         rng = random.Random(seed * 1_000_003 + idx)  # as prepare_dataset: the turn depends only on seed and index

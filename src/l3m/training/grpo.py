@@ -27,6 +27,7 @@ from trl.data_utils import is_conversational
 from l3m.confidence import RunningConfidence, StepStatistics, pooled_statistics, step_statistics
 from l3m.constraints import (Constraint, compute_rewards, parse_constraints, satisfied_mask, surrogate_violations,
                              target_metrics, violations)
+from l3m.data import check_prompt_columns
 from l3m.errors import L3MConfigError, L3MDataError
 from l3m.hardware import warn_slow_bf16
 from l3m.rewards import resolve_reward
@@ -37,16 +38,6 @@ from l3m.training.guards import InfeasibilityMonitor, NonFiniteGuard, drop_gradi
 from l3m.training.solver_state import SolverTrainerMixin
 
 logger = logging.getLogger(__name__)
-
-
-def check_prompt_columns(dataset, name: str = "train", field: str = "train_dataset") -> None:
-    """Fail early, naming ``field``, when a split is empty or has neither ``prompt`` nor ``messages``."""
-    columns = set(dataset.column_names)
-    if len(dataset) == 0:
-        raise L3MDataError(f"{field}: the {name} split is empty")
-    if not columns & {"prompt", "messages"}:
-        raise L3MDataError(f"{field}: has columns {sorted(columns)}; expected 'prompt' or 'messages' (a conversation "
-                           "ending with a user turn)")
 
 
 def prompt_dataset(dataset, field: str = "train_dataset"):

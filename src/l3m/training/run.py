@@ -24,7 +24,8 @@ def grpo_from_args(script_args, grpo_args, model_args) -> str:
     (a :class:`l3m.ConstrainedGRPOConfig`), on the prompts of ``script_args``' data (a ``prompt`` column, or
     ``messages`` cut after their last user turn), from ``model_args``' model (LoRA when ``use_peft``); resumes when
     ``resume_from_checkpoint`` is set; returns where the model was saved."""
-    from l3m.training.grpo import ConstrainedGRPOTrainer, check_prompt_columns
+    from l3m.data import check_prompt_columns
+    from l3m.training.grpo import ConstrainedGRPOTrainer
 
     model_args.trust_remote_code = grpo_args.trust_remote_code  # GRPOConfig's field, read by the loader
     return _train_and_save(ConstrainedGRPOTrainer, script_args, grpo_args, model_args, check=check_prompt_columns)
