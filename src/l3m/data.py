@@ -76,9 +76,7 @@ def load_prompt_split(dataset_name: str, dataset_config: str | None, split: str,
     if split not in raw:
         raise L3MDataError(f"{field}: {dataset_name!r} has no split {split!r} (it has {list(raw)}); set "
                            f"{field.removesuffix('_name')}_split")
-    columns = raw[split].column_names
-    if not {"prompt", "messages"} & set(columns):
-        raise L3MDataError(f"{field}: {dataset_name!r} has columns {sorted(columns)}; expected 'prompt' or 'messages'")
+    check_prompt_columns(raw[split], split, field)
     return raw[split]
 
 
