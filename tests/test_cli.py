@@ -129,6 +129,34 @@ SENTINEL = "sentinel.txt"
 PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+.*/s\]$")  # tqdm: "12%|##  |" or "[00:01, 9.5 it/s]"
 
 
+def test_eval_on_prompts_without_answers(trained, tmp_path, capsys):
+    """`l3m eval --prompts FILE`: the model answers those prompts (not the test split), constraints and lengths are
+    reported, and the task log-ppl is None (there are no answers to score)."""
+    questions = [f"tell me {word}" for word in ("yes", "no", "maybe")]
+    prompts = write_jsonl(tmp_path / "deployed.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in questions])
+    output = tmp_path / "out.json"
+    assert main(["eval", "--model", str(trained["output_dir"]), "--config", trained["config"], "--prompts", prompts,
+                 "--output", str(output)]) == 0
+    with open(output, encoding="utf-8") as f:
+        result = json.load(f)
+    summary = result["summary"]
+    assert summary["num_examples"] == 3 and summary["log_ppl_mean"] is None and result["log_ppl"] == []
+    assert [q in sample["prompt"] for q, sample in zip(questions, result["samples"])] == [True] * 3
+    assert len(result["rewards"]["length"]) == 3 and isinstance(summary["length/satisfied"], bool)
+    assert "3 held-out prompts" in capsys.readouterr().out
+
+
+def test_eval_names_bad_prompts_in_one_line(trained, tmp_path, capsys):
+    text_only = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}])
+    for prompts, message in ((str(tmp_path / "nope.jsonl"), "prompts: "), (text_only, "prompts: the train split has "
+                                                                            "columns ['text']; expected 'prompt'")):
+        code = main(["eval", "--model", str(trained["output_dir"]), "--config", trained["config"], "--prompts", prompts])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("l3m")]  # not datasets' progress bars
+        assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"l3m: error: {message}"), lines[0]
+
+
 def test_lora_run_saves_an_adapter_that_eval_loads(assets, tmp_path, capsys):
     pytest.importorskip("peft")
     output_dir = tmp_path / "lora"

@@ -344,6 +344,14 @@ class EvalArguments:
                           "model folder or hub id with the model's tokenizer, 'demo', or 'base' (the base model of a "
                           "LoRA adapter: the same weights with the adapter disabled, no second copy)."},
     )
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "Evaluate on these prompts instead of the data's test split, e.g. held-out prompts of the "
+                          "kind the model will be deployed on: a hub dataset or local .json/.jsonl/.parquet file or "
+                          "folder with a 'prompt' column (or task data, whose answers are not used). Reports "
+                          "constraints, lengths and rewards; no task log-ppl (there are no answers)."},
+    )
+    prompts_split: str = field(default="train", metadata={"help": "The split of --prompts."})
 
     def __post_init__(self):
         _check(bool(self.model), "--model", "required (the folder of a saved model)")

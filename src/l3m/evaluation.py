@@ -69,7 +69,8 @@ def evaluate_model(
     reward_weights: Sequence[float] | None = None,
     reference_model=None,
 ) -> dict:
-    """Evaluate ``model`` on a tokenized split (see :func:`l3m.data.prepare_dataset`).
+    """Evaluate ``model`` on a tokenized split (see :func:`l3m.data.prepare_dataset`), or on prompts without answers
+    (:func:`l3m.data.prepare_prompts`: no task log-ppl, its summary keys None).
 
     Args:
         objective: the reward to maximize, called like a constraint's reward (``prompts=``, ``completions=``,
@@ -101,6 +102,7 @@ def evaluate_model(
     stop_ids = eos_ids(tokenizer, model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the same responses for the same model, whatever ran before
+    answered = all(len(ids) > 0 for ids in dataset["completion_ids"])  # task data; else prompts alone
     log_ppl, lengths, samples, kl = [], [], [], []
     rewards: dict[str, list[float]] = {c.name: [] for c in constraints}
     objective_rewards: dict[str, list[float]] = {name: [] for name in objective}
@@ -109,7 +111,8 @@ def evaluate_model(
         for start in tqdm(batches, desc=description, disable=not progress):
             examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(examples).items()}
-            log_ppl += task_log_ppl(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            if answered:
+                log_ppl += task_log_ppl(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             completions = sample_completions(
                 model, batch["prompt_input_ids"], batch["prompt_attention_mask"], stop_ids=stop_ids,
                 pad_token_id=tokenizer.pad_token_id, num_generations=1, max_new_tokens=max_new_tokens,
@@ -130,7 +133,8 @@ def evaluate_model(
         torch.random.set_rng_state(generator_state)
         for m, mode in zip(models, modes):
             m.train(mode)
-    summary = {"num_examples": len(log_ppl), "log_ppl_mean": _mean(log_ppl), "log_ppl_std": _std(log_ppl),
+    summary = {"num_examples": len(lengths), "log_ppl_mean": _mean(log_ppl) if answered else None,
+               "log_ppl_std": _std(log_ppl) if answered else None,
                "length_mean": _mean(lengths), "length_std": _std(lengths), "length_se": _se(lengths),
                "truncated_frac": _mean([float(n >= max_new_tokens) for n in lengths])}
     for c in constraints:
@@ -268,15 +272,15 @@ def format_summary(summary: dict) -> str:
 
 def evaluate_saved_model(script_args, training_args, model_args, eval_args) -> tuple[dict, str]:
     """What ``l3m eval`` does: evaluate the model saved in ``eval_args.model`` (full weights or a LoRA adapter) on
-    the test split of ``script_args``' data, under ``training_args``' constraints and sampling settings; with a GRPO
+    the test split of ``script_args``' data (or on ``eval_args.prompts``, without log-ppl), under ``training_args``' constraints and sampling settings; with a GRPO
     config (:class:`l3m.ConstrainedGRPOConfig`) also its objective ``reward`` (weighted by ``reward_weights``); with
     ``eval_args.reference`` the KL to that model. The result is written to ``eval_args.output`` (default:
     ``eval_results.json`` in the model's folder). Returns ``(result, path)``."""
     import os
 
-    from l3m.data import prepare_dataset
+    from l3m.data import load_prompt_split, prepare_dataset, prepare_prompts
     from l3m.files import write_json
-    from l3m.loading import load_model_and_tokenizer, load_splits
+    from l3m.loading import load_model_and_tokenizer, load_splits, resolve_dataset_name
 
     grpo = hasattr(training_args, "reward")
     objective, weights = weighted_objective(resolve_objective(training_args.reward) if grpo else None,
@@ -289,12 +293,18 @@ def evaluate_saved_model(script_args, training_args, model_args, eval_args) -> t
                              "weights (no adapter_config.json); give the path of the model it was trained from")
     if reference and (os.path.isabs(reference) or reference.startswith(".")) and not os.path.exists(reference):
         raise L3MConfigError(f"reference: no such folder {reference!r}; {_REFERENCES}")
-    splits = load_splits(script_args, training_args.seed)
+    max_length = getattr(training_args, "max_length", math.inf)  # GRPO configs have none: nothing is dropped
+    if eval_args.prompts:
+        prompts = load_prompt_split(resolve_dataset_name(eval_args.prompts), None, eval_args.prompts_split, "prompts")
+    else:
+        test = load_splits(script_args, training_args.seed)["test"]
     model, tokenizer = load_model_and_tokenizer(model_args, path=eval_args.model)
     if reference not in (None, BASE):
         reference = load_reference(model_args, reference, tokenizer)
-    test = prepare_dataset(splits["test"], tokenizer, getattr(training_args, "max_length", math.inf),
-                           training_args.seed, "test")  # GRPO configs have no max_length: nothing is dropped
+    if eval_args.prompts:
+        test = prepare_prompts(prompts, tokenizer, max_length, training_args.seed, eval_args.prompts_split, "prompts")
+    else:
+        test = prepare_dataset(test, tokenizer, max_length, training_args.seed, "test")
     result = evaluate_model(model, tokenizer, test, constraints=training_args.parsed_constraints,
                             max_new_tokens=training_args.max_completion_length,
                             temperature=training_args.temperature, top_p=training_args.top_p,
