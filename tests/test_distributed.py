@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo DDP) train one model: same coins, one reduced constraint estimate, different
-samples, gradients averaged once and then clipped, equal parameters at the end. And FSDP2 over gloo: l3m's sampling
+samples, gradients averaged once and then clipped, equal parameters at the end; a constraint_dataset's prompts dealt
+to the processes. And FSDP2 over gloo: l3m's sampling
 and log-prob pass on a ``fully_shard`` model give the unsharded model's responses and gradients, and a Trainer run
 sharded by accelerate trains as the DDP run."""
 
@@ -134,6 +135,24 @@ def test_each_update_is_the_clipped_averaged_gradient_step(ranks):
             expected = torch.cat([(-lr * clip * step["grads"][n]).flatten() for n in names])
             error = ((update - expected).norm() / expected.norm()).item()
             assert error < 1e-3, f"rank {r['rank']}, step {i}: the update is off the clipped step by {error:.2g}"
+
+
+def test_constraint_prompts_are_dealt_to_the_processes_and_objective_steps_keep_their_batches(ranks, tmp_path):
+    """With a constraint_dataset of 8 prompts and 4 prompts per process and step, every constraint step is one pass
+    over them, split between the processes; every objective step reads what the run without them read."""
+    result = _launch(tmp_path, "--constraint-prompts")
+    assert result.returncode == 0, result.stderr[-3000:]
+    own = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for i, step in enumerate(own[0]["steps"]):
+        assert step["constraint"] == ranks[0]["steps"][i]["constraint"]  # the same coins
+        if step["constraint"]:
+            first, second = (set(r["steps"][i]["prompts"]) for r in own)
+            assert len(first) == len(second) == 4 and not first & second
+            assert all("tell me" in p for p in first | second) and len(first | second) == 8
+        else:
+            for r, plain in zip(own, ranks):
+                assert r["steps"][i]["prompts"] == plain["steps"][i]["prompts"]
+                assert torch.equal(r["steps"][i]["inputs"]["input_ids"], plain["steps"][i]["inputs"]["input_ids"])
 
 
 def test_a_world_of_one_under_a_multi_process_launch_is_refused(monkeypatch):
