@@ -237,26 +237,37 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
         return dataset
     check_columns(dataset, name, field)
 
-    def _encode(example, idx):
-        rng = random.Random(seed * 1_000_003 + idx)  # the chosen assistant turn depends only on seed and index
-        try:
-            prompt_text, completion_text, reference = render_example(example, tokenizer, rng)
-        except L3MDataError as err:
-            raise L3MDataError(f"{err} (in {name} example {idx})") from None
+    def encode(example, rng):
+        prompt_text, completion_text, reference = render_example(example, tokenizer, rng)
         prompt_ids, completion_ids = tokenize_example(prompt_text, completion_text, tokenizer)
         return {"prompt": prompt_text, "reference": reference, "prompt_ids": prompt_ids,
                 "completion_ids": completion_ids}
 
+    return _encode_split(dataset, encode, max_length, seed, name, name, "examples")
+
+
+def _encode_split(dataset: Dataset, encode, max_length: int, seed: int, name: str, label: str, noun: str) -> Dataset:
+    """``dataset`` mapped through ``encode(example, rng)`` (``rng`` seeded by ``seed`` and the example's index, so
+    that a random choice such as the answered turn depends on nothing else; a data error names the example of split
+    ``name``), less the rows whose prompt and completion exceed ``max_length`` tokens, counted in a warning; none
+    left is an error. ``label`` names the data in progress bars and messages, ``noun`` its rows."""
+
+    def _encode(example, idx):
+        try:
+            return encode(example, random.Random(seed * 1_000_003 + idx))
+        except L3MDataError as err:
+            raise L3MDataError(f"{err} (in {name} example {idx})") from None
+
     encoded = dataset.map(_encode, with_indices=True, remove_columns=dataset.column_names,
-                          desc=f"Tokenizing {name}")
+                          desc=f"Tokenizing {label}")
     kept = encoded.filter(lambda ex: len(ex["prompt_ids"]) + len(ex["completion_ids"]) <= max_length,
-                          desc=f"Filtering {name} to max_length")
+                          desc=f"Filtering {label} to max_length")
     dropped = len(encoded) - len(kept)
     if dropped:
-        logger.warning("%s: dropped %d of %d examples longer than max_length=%d", name, dropped, len(encoded),
+        logger.warning("%s: dropped %d of %d %s longer than max_length=%d", label, dropped, len(encoded), noun,
                        max_length)
     if len(kept) == 0:
-        raise L3MDataError(f"max_length: all {len(encoded)} {name} examples exceed {max_length} tokens; raise it")
+        raise L3MDataError(f"max_length: all {len(encoded)} {label} {noun} exceed {max_length} tokens; raise it")
     return kept
 
 
@@ -282,24 +293,12 @@ def prepare_prompts(dataset: Dataset, tokenizer, max_length: int, seed: int = 42
     """
     check_prompt_columns(dataset, name, field)
 
-    def _encode(example, idx):
-        rng = random.Random(seed * 1_000_003 + idx)  # as prepare_dataset: the turn depends only on seed and index
-        try:
-            prompt_text = _prompt_text(example, tokenizer, rng, field)
-        except L3MDataError as err:
-            raise L3MDataError(f"{err} (in {name} example {idx})") from None
+    def encode(example, rng):
+        prompt_text = _prompt_text(example, tokenizer, rng, field)
         return {"prompt": prompt_text, "reference": "", "prompt_ids": tokenize_prompt(prompt_text, tokenizer),
                 "completion_ids": []}
 
-    encoded = dataset.map(_encode, with_indices=True, remove_columns=dataset.column_names,
-                          desc=f"Tokenizing {field}")
-    kept = encoded.filter(lambda ex: len(ex["prompt_ids"]) <= max_length, desc=f"Filtering {field} to max_length")
-    if len(kept) < len(encoded):
-        logger.warning("%s: dropped %d of %d prompts longer than max_length=%d", field, len(encoded) - len(kept),
-                       len(encoded), max_length)
-    if len(kept) == 0:
-        raise L3MDataError(f"max_length: all {len(encoded)} {field} prompts exceed {max_length} tokens; raise it")
-    return kept
+    return _encode_split(dataset, encode, max_length, seed, name, field, "prompts")
 
 
 def _prompt_text(example: dict[str, Any], tokenizer, rng: random.Random, field: str) -> str:
