@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from l3m.cli import main
+from l3m.files import write_jsonl
 from l3m.experiments.compare import compare_table, expand_methods, plan_comparison
 from l3m.errors import L3MConfigError
 from l3m.training.coin import objective_step_count
@@ -68,6 +69,36 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
     assert (tmp_path / "compare" / "compare_length.png").stat().st_size > 0
 
 
+def test_constrained_methods_sample_the_constraint_dataset(assets, tmp_path, monkeypatch, capsys):
+    """`constraint_dataset_name` at the top level: every constrained method's constraint steps sample only those
+    prompts (SFT gets none), and evaluation stays on the test split."""
+    from l3m.training.trainer import L3MTrainer
+
+    sampled_for, constraint_prompts = {}, {}
+    constraint_loss, init = L3MTrainer._constraint_loss, L3MTrainer.__init__
+
+    def record(self, model, inputs):
+        sampled_for.setdefault(self.args.solver, []).extend(inputs["prompts"])
+        return constraint_loss(self, model, inputs)
+
+    def count(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        constraint_prompts[self.args.solver] = self._constraint_prompts
+
+    monkeypatch.setattr(L3MTrainer, "_constraint_loss", record)
+    monkeypatch.setattr(L3MTrainer, "__init__", count)
+    prompts = write_jsonl(tmp_path / "deployed.jsonl", [{"prompt": [{"role": "user", "content": "tell me more"}]}])
+    methods = [{"name": "SFT", "solver": "sft"}, {"name": "L3M", "solver": "l3m"}, {"name": "MM", "solver": "mm"}]
+    config = _compare_yaml(assets, tmp_path / "compare.yaml", methods=methods, constraint_dataset_name=prompts)
+    assert main(["compare", "--config", config]) == 0
+    assert "Constraint steps sample the 1 prompts of" in capsys.readouterr().out
+    assert constraint_prompts == {"sft": 0, "l3m": 1, "mm": 1}
+    assert set(sampled_for) == {"l3m", "mm"}
+    assert all("tell me more" in prompt for values in sampled_for.values() for prompt in values)
+    with open(tmp_path / "compare" / "results.json", encoding="utf-8") as f:
+        assert all(m["summary"]["num_examples"] == 8 for m in json.load(f)["methods"])
+
+
 def test_sft_matches_the_objective_steps_of_the_constrained_methods(assets, tmp_path):
     config = _compare_yaml(assets, tmp_path / "compare.yaml", max_steps=10)
     plans, _, _ = plan_comparison(["--config", config, "--seed", "3"])
@@ -104,6 +135,8 @@ def test_a_failing_method_is_reported_and_the_others_still_run(assets, tmp_path,
     ([{"name": "L3M", "solver": "l3m", "constraints": [{"reward": "length_tokens", "max": 3}]}],
      r"^methods\[L3M\]: \['constraints'\] must be the same for every method; set them at the top level"),
     ([{"name": "MM", "solver": "mm", "sweep": {"test_size": [4, 8]}}], r"^methods\[MM\]: \['test_size'\] must be"),
+    ([{"name": "MM", "solver": "mm", "constraint_dataset_name": "prompts.jsonl"}],
+     r"^methods\[MM\]: \['constraint_dataset_name'\] must be the same for every method"),
     ([{"name": "MM", "solver": "mm", "sweep": {"dual_lr": [0.1, -1]}}],
      r"^methods\[MM \(dual_lr=-1\)\]: dual_lr: must be >= 0"),
 ])

@@ -104,3 +104,15 @@ def load_splits(script_args, seed: int, check=None):
     if script_args.max_train_samples:
         loaded["train"] = loaded["train"].select(range(min(script_args.max_train_samples, len(loaded["train"]))))
     return loaded
+
+
+def load_constraint_prompts(script_args):
+    """The constraint steps' prompts of ``script_args.constraint_dataset_name`` (:func:`l3m.data.load_prompt_split`),
+    or None when it is not set (the constraint steps then sample the task data's prompts)."""
+    from l3m.data import load_prompt_split
+
+    name = getattr(script_args, "constraint_dataset_name", None)
+    if not name:
+        return None
+    return load_prompt_split(resolve_dataset_name(name), script_args.constraint_dataset_config,
+                             script_args.constraint_dataset_split)

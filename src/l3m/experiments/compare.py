@@ -14,6 +14,9 @@ The YAML holds the fields of ``l3m train`` (shared by all methods) plus::
       - {name: L3M, solver: l3m}
       - {name: MM, solver: mm, sweep: {dual_lr: [0.05, 0.5]}}
     eval_max_new_tokens: 64   # optional; defaults to max_completion_length
+
+With ``constraint_dataset_name``, every constrained method's constraint steps sample those prompts (SFT has none);
+every method is evaluated on the test split either way.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from l3m.experiments.runner import format_table, mean_pm, slug, train_and_evalua
 
 METHOD_KEYS = {"name", "sweep", "match_objective_steps"}
 SHARED_ONLY = {"constraints", "dataset_name", "dataset_config", "dataset_train_split", "dataset_validation_split",
-               "dataset_test_split", "validation_size", "test_size", "max_train_samples"}
+               "dataset_test_split", "validation_size", "test_size", "max_train_samples", "constraint_dataset_name",
+               "constraint_dataset_config", "constraint_dataset_split"}
 
 
 @dataclass
@@ -61,10 +65,10 @@ class CompareArguments:
 
 def compare_parser():
     """The parser of ``l3m compare``: the fields of ``l3m train`` plus :class:`CompareArguments`."""
-    from l3m.config import L3MConfig, ModelConfig, ScriptArguments
+    from l3m.config import L3MConfig, ModelConfig, TrainScriptArguments
     from l3m.parsing import L3MParser
 
-    return L3MParser((ScriptArguments, L3MConfig, ModelConfig, CompareArguments), prog="l3m compare",
+    return L3MParser((TrainScriptArguments, L3MConfig, ModelConfig, CompareArguments), prog="l3m compare",
                      description="Train every method of the config's `methods` on the same data, model, constraints "
                                  "and step budget, evaluate each on the test split, print one table.")
 
@@ -168,16 +172,20 @@ def run_comparison(argv: list[str]) -> dict:
     """Train and evaluate every method of the compare config; print the table, write ``results.json`` and one
     figure per constraint into the shared ``output_dir``. Returns the results."""
     from l3m.files import write_json
-    from l3m.loading import load_splits
+    from l3m.loading import load_constraint_prompts, load_splits
 
     plans, (script_args, training_args, model_args), eval_tokens = plan_comparison(argv)
     constraints = training_args.parsed_constraints
+    prompts = load_constraint_prompts(script_args)  # the same constraint prompts for every constrained method
     splits = load_splits(script_args, training_args.seed)  # the same splits for every method
     train = splits["train"]
     output_dir = training_args.output_dir
     os.makedirs(output_dir, exist_ok=True)
     print(f"Comparing {len(plans)} methods on {len(train)} training and {len(splits['test'])} held-out examples; "
           f"constraints: {describe_constraints(constraints)}", flush=True)
+    if prompts is not None:
+        print(f"Constraint steps sample the {len(prompts)} prompts of {script_args.constraint_dataset_name} "
+              "(constraint_dataset_name); evaluation is on the test split", flush=True)
     started = time.time()
     records = []
     for index, (method, run_args, run_model_args) in enumerate(plans, start=1):
@@ -187,7 +195,8 @@ def run_comparison(argv: list[str]) -> dict:
                   "steps": run_args.max_steps}
         try:
             record.update(train_and_evaluate(run_args, run_model_args, train, splits["test"],
-                                             eval_max_new_tokens=eval_tokens, description=f"Evaluating {method.name}"))
+                                             eval_max_new_tokens=eval_tokens, description=f"Evaluating {method.name}",
+                                             constraint_dataset=prompts if run_args.solver != "sft" else None))
             summary = record["summary"]
             print(f"{prefix}: trained in {record['train_seconds']:.0f} s; "
                   f"{describe_result(constraints, summary)}; task log-ppl {summary['log_ppl_mean']:.3f}", flush=True)

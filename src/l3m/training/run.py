@@ -9,13 +9,11 @@ def train_from_args(script_args, training_args, model_args) -> str:
     ``model_args``' model (with LoRA when ``use_peft``), the constraint steps on ``constraint_dataset_name``'s prompts
     when given, resuming when ``resume_from_checkpoint`` is set; returns where the model was saved. Data errors
     surface before the slow model load."""
-    from l3m.data import load_prompt_split
-    from l3m.loading import resolve_dataset_name
+    from l3m.loading import load_constraint_prompts
     from l3m.training.trainer import L3MTrainer
 
-    prompts = getattr(script_args, "constraint_dataset_name", None)
-    extra = {} if not prompts else {"constraint_dataset": load_prompt_split(
-        resolve_dataset_name(prompts), script_args.constraint_dataset_config, script_args.constraint_dataset_split)}
+    prompts = load_constraint_prompts(script_args)
+    extra = {} if prompts is None else {"constraint_dataset": prompts}
     return _train_and_save(L3MTrainer, script_args, training_args, model_args, **extra)
 
 
