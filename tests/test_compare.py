@@ -28,7 +28,8 @@ def _compare_yaml(assets, path, **overrides) -> str:
                   constraints=[{"name": "length", "reward": "length_tokens", "min": 2, "max": 5}], max_steps=3,
                   per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_length=128,
                   per_device_eval_batch_size=8, eval_max_new_tokens=12, logging_steps=1, seed=0, use_cpu=True,
-                  report_to="none", disable_tqdm=True, output_dir=str(path.parent / "compare"), methods=METHODS)
+                  report_to="none", disable_tqdm=True, output_dir=str(path.parent / "compare"), methods=METHODS,
+                  num_proc=1)
     values.update(overrides)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump({k: v for k, v in values.items() if v is not None}, f, sort_keys=False)
@@ -97,6 +98,54 @@ def test_constrained_methods_sample_the_constraint_dataset(assets, tmp_path, mon
     assert all("tell me more" in prompt for values in sampled_for.values() for prompt in values)
     with open(tmp_path / "compare" / "results.json", encoding="utf-8") as f:
         assert all(m["summary"]["num_examples"] == 8 for m in json.load(f)["methods"])
+
+
+def test_methods_side_by_side_match_one_after_another_at_the_same_thread_count(assets, tmp_path, capsys):
+    """num_proc 2: two methods at a time in worker processes, one thread each. The same methods one after another
+    with one thread give the same table, to the bit; a failing method is reported and the others finish."""
+    import torch
+
+    methods = [{"name": "SFT", "solver": "sft", "match_objective_steps": True}, {"name": "L3M", "solver": "l3m"},
+               {"name": "broken", "solver": "l3m", "model_name_or_path": str(tmp_path / "no-such-model")}]
+    results = {}
+    for num_proc in (2, 1):
+        config = _compare_yaml(assets, tmp_path / f"compare{num_proc}.yaml", methods=methods, num_proc=num_proc,
+                               output_dir=str(tmp_path / f"compare{num_proc}"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(["compare", "--config", config]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert ("3 methods, 2 at a time with" in out) == (num_proc == 2)
+        assert "] broken: FAILED: L3MConfigError: model_name_or_path: cannot load" in out
+        assert "] L3M: trained in" in out and "] SFT: trained in" in out
+        with open(tmp_path / f"compare{num_proc}" / "results.json", encoding="utf-8") as f:
+            results[num_proc] = json.load(f)["methods"]
+    assert (tmp_path / "compare2" / "l3m" / "output.log").is_file()  # each worker's output in its own log
+    assert "model_name_or_path: cannot load" in (tmp_path / "compare2" / "broken" / "output.log").read_text()
+    for parallel, sequential in zip(results[2], results[1]):
+        assert parallel["name"] == sequential["name"] and ("error" in parallel) == ("error" in sequential)
+        for key in ("rewards", "log_ppl", "lengths", "solver_state"):
+            assert parallel.get(key) == sequential.get(key), (parallel["name"], key)
+
+
+def test_the_default_num_proc_plans_each_method_memory_from_its_model_size(assets, tmp_path, monkeypatch):
+    from l3m.experiments import compare
+
+    config = _compare_yaml(assets, tmp_path / "compare.yaml", num_proc=None)
+    plans, _, args = plan_comparison(["--config", config])
+    planned = {}
+    monkeypatch.setattr("l3m.experiments.parallel.plan_processes",
+                        lambda num_proc, jobs, gb_per_process: planned.update(gb=gb_per_process) or (2, 1))
+    assert args.num_proc is None and compare._plan_processes(None, plans) == (2, 1)
+    from transformers import AutoModelForCausalLM
+
+    parameters = AutoModelForCausalLM.from_pretrained(assets["model"]).num_parameters()
+    assert planned["gb"] == pytest.approx(parameters * compare.RUN_BYTES_PER_PARAMETER / 1e9)
+    with pytest.raises(L3MConfigError, match=r"^num_proc: expected at least 1"):
+        plan_comparison(["--config", config, "--num_proc", "0"])
 
 
 def test_sft_matches_the_objective_steps_of_the_constrained_methods(assets, tmp_path):

@@ -75,9 +75,11 @@ def test_the_default_starts_no_more_runs_than_memory_holds_and_an_oversubscribed
 def test_jobs_return_in_order_with_their_output_in_their_logs_and_records_and_steps_here(tmp_path, caplog, capsys):
     jobs = [Job(name, _steps_and_a_warning, (name, steps), steps, str(tmp_path / name / "output.log"))
             for name, steps in (("short", 2), ("long", 3))]
+    arrived = []
     with caplog.at_level(logging.WARNING):
-        results = run_jobs(jobs, processes=2, threads=1)
+        results = run_jobs(jobs, processes=2, threads=1, on_result=lambda i, result: arrived.append((i, result)))
     assert results == [{"name": "short", "threads": 1}, {"name": "long", "threads": 1}]
+    assert sorted(arrived, key=lambda pair: pair[0]) == list(enumerate(results))  # each handed over as it came
     assert "short writes to stdout" in (tmp_path / "short" / "output.log").read_text()
     assert "long writes to stdout" in (tmp_path / "long" / "output.log").read_text()
     messages = {(r.name, r.getMessage()) for r in caplog.records}

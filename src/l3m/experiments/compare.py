@@ -5,7 +5,9 @@ the shared trainer with its own ``solver`` (``sft``, ``l3m``, ``mm``, ``lagged_d
 ``sweep`` expands an entry over values of any field (MM's ``dual_lr``, to which it is sensitive). Each run is evaluated
 on the same held-out prompts (:func:`l3m.evaluation.evaluate_model`), and one table lists the constraint rewards and
 whether each constraint is satisfied (as its kind defines it), the task log-perplexity, the training wall time and
-the peak memory. A run that fails is reported in the table with its error, and the others go on.
+the peak memory. A run that fails is reported in the table with its error, and the others go on. On CPU the methods
+train side by side, each in its own process with the cores shared out (``num_proc``, as in ``l3m demo``:
+:mod:`l3m.experiments.parallel`).
 
 The YAML holds the fields of ``l3m train`` (shared by all methods) plus::
 
@@ -54,6 +56,12 @@ class CompareArguments:
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Token cap of the held-out responses; defaults to max_completion_length."}
     )
+    num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Methods trained at once, each in its own process with the cores shared out (1: one after "
+                          "another with every core). Default: on CPU one per core, at most one per method and no "
+                          "more than the available memory holds (estimated from the model's size); on a GPU, 1."},
+    )
 
     def __post_init__(self):
         if isinstance(self.methods, str):
@@ -61,6 +69,9 @@ class CompareArguments:
                 self.methods = yaml.safe_load(self.methods)
             except yaml.YAMLError as err:
                 raise L3MConfigError(f"methods: not valid YAML ({err})") from err
+        if self.num_proc is not None and self.num_proc < 1:
+            raise L3MConfigError(f"num_proc: expected at least 1 (1 trains one method after another), got "
+                                 f"{self.num_proc}")
 
 
 def compare_parser():
@@ -134,10 +145,11 @@ def expand_methods(entries, fields: set[str]) -> list[Method]:
 
 def plan_comparison(argv: list[str]):
     """Parse and validate a compare config (``--config`` plus ``--field value`` flags for the shared fields) and
-    build every method's configuration before anything is trained. Returns ``(plans, shared_args, eval_tokens)``:
+    build every method's configuration before anything is trained. Returns ``(plans, shared_args, compare_args)``:
     ``plans`` are ``(method, training_args, model_args)``; ``shared_args`` the shared ``(script_args,
-    training_args, model_args)``: the data and the constraints are the same for every method. A method's fields
-    are laid over the shared ones as flags after the user's, so they win."""
+    training_args, model_args)``: the data and the constraints are the same for every method; ``compare_args`` has
+    ``eval_max_new_tokens`` resolved. A method's fields are laid over the shared ones as flags after the user's, so
+    they win."""
     from l3m.parsing import as_flags
     from l3m.training.coin import objective_steps_of
 
@@ -150,9 +162,9 @@ def plan_comparison(argv: list[str]):
     if not shared[1].parsed_constraints:
         raise L3MConfigError("constraints: a comparison needs at least one constraint (the methods differ in how "
                              "they enforce it)")
-    eval_tokens = compare_args.eval_max_new_tokens or shared[1].max_completion_length
-    if eval_tokens < 1:
-        raise L3MConfigError(f"eval_max_new_tokens: must be >= 1, got {eval_tokens}")
+    compare_args.eval_max_new_tokens = compare_args.eval_max_new_tokens or shared[1].max_completion_length
+    if compare_args.eval_max_new_tokens < 1:
+        raise L3MConfigError(f"eval_max_new_tokens: must be >= 1, got {compare_args.eval_max_new_tokens}")
     plans = []
     for method in methods:
         flags = argv + as_flags({"output_dir": os.path.join(shared[1].output_dir, slug(method.name)),
@@ -165,17 +177,21 @@ def plan_comparison(argv: list[str]):
         except L3MConfigError as err:
             raise L3MConfigError(f"methods[{method.name}]: {err}") from err
         plans.append((method, training_args, model_args))
-    return plans, tuple(shared), eval_tokens
+    return plans, tuple(shared), compare_args
 
 
 def run_comparison(argv: list[str]) -> dict:
-    """Train and evaluate every method of the compare config; print the table, write ``results.json`` and one
-    figure per constraint into the shared ``output_dir``. Returns the results."""
+    """Train and evaluate every method of the compare config; print the table, write ``results.json`` (after every
+    method) and one figure per constraint into the shared ``output_dir``. Returns the results."""
+    from tqdm.auto import tqdm
+
+    from l3m.experiments.parallel import Job, run_jobs
     from l3m.files import write_json
     from l3m.loading import load_constraint_prompts, load_splits
 
-    plans, (script_args, training_args, model_args), eval_tokens = plan_comparison(argv)
+    plans, (script_args, training_args, model_args), compare_args = plan_comparison(argv)
     constraints = training_args.parsed_constraints
+    eval_tokens = compare_args.eval_max_new_tokens
     prompts = load_constraint_prompts(script_args)  # the same constraint prompts for every constrained method
     splits = load_splits(script_args, training_args.seed)  # the same splits for every method
     train = splits["train"]
@@ -187,26 +203,32 @@ def run_comparison(argv: list[str]) -> dict:
         print(f"Constraint steps sample the {len(prompts)} prompts of {script_args.constraint_dataset_name} "
               "(constraint_dataset_name); evaluation is on the test split", flush=True)
     started = time.time()
-    records = []
-    for index, (method, run_args, run_model_args) in enumerate(plans, start=1):
-        prefix = f"[{index}/{len(plans)}] {method.name}"
-        print(f"\n{prefix}: solver {run_args.solver}, training {run_args.max_steps} steps", flush=True)
-        record = {"name": method.name, "solver": run_args.solver, "overrides": method.overrides,
-                  "steps": run_args.max_steps}
-        try:
-            record.update(train_and_evaluate(run_args, run_model_args, train, splits["test"],
-                                             eval_max_new_tokens=eval_tokens, description=f"Evaluating {method.name}",
-                                             constraint_dataset=prompts if run_args.solver != "sft" else None))
-            summary = record["summary"]
-            print(f"{prefix}: trained in {record['train_seconds']:.0f} s; "
-                  f"{describe_result(constraints, summary)}; task log-ppl {summary['log_ppl_mean']:.3f}", flush=True)
-        except Exception as err:  # noqa: BLE001 - a failed method is reported in the table, the others still run
-            record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-            print(f"{prefix}: FAILED: {record['error']}", flush=True)
-            traceback.print_exc(file=sys.stderr)
-        records.append(record)
-        gc.collect()  # free the method's model before the next one loads (and its peak memory is measured)
-        write_json(os.path.join(output_dir, "results.json"), _results(argv, eval_tokens, records))
+    jobs = [Job(method.name, run_method, (method, run_args, run_model_args, train, splits["test"],
+                                          prompts if run_args.solver != "sft" else None, eval_tokens),
+                run_args.max_steps, os.path.join(run_args.output_dir, "output.log"))
+            for method, run_args, run_model_args in plans]
+    processes, threads = _plan_processes(compare_args.num_proc, plans)
+    records: list[dict | None] = [None] * len(plans)
+
+    def done(index: int, record: dict) -> None:  # results.json holds every finished method, in the config's order
+        records[index] = record
+        write_json(os.path.join(output_dir, "results.json"), _results(argv, eval_tokens, [r for r in records if r]))
+        outcome = (f"FAILED: {record['error']}" if "error" in record else
+                   f"trained in {record['train_seconds']:.0f} s; {describe_result(constraints, record['summary'])}; "
+                   f"task log-ppl {record['summary']['log_ppl_mean']:.3f}")
+        tqdm.write(f"[{index + 1}/{len(jobs)}] {record['name']}: {outcome}")
+
+    if processes == 1:
+        for index, job in enumerate(jobs):
+            print(f"\n[{index + 1}/{len(jobs)}] {job.name}: solver {job.args[1].solver}, training {job.steps} steps",
+                  flush=True)
+            done(index, run_method(*job.args))
+            gc.collect()  # free the method's model before the next one loads (and its peak memory is measured)
+    else:
+        print(f"\n{len(jobs)} methods, {processes} at a time with {threads} thread{'s' * (threads > 1)} each "
+              f"(num_proc); each method's output goes to {os.path.join(output_dir, '<method>', 'output.log')}",
+              flush=True)
+        run_jobs(jobs, processes, threads, on_result=done)
 
     figures = plot_comparison(records, constraints, output_dir)
     print("\n" + compare_table(records, constraints))
@@ -215,6 +237,61 @@ def run_comparison(argv: list[str]) -> dict:
         print(f"Figure:  {figure}")
     print(f"Total time: {(time.time() - started) / 60:.1f} min")
     return _results(argv, eval_tokens, records)
+
+
+def run_method(method: Method, run_args, model_args, train, test, constraint_prompts, eval_tokens: int,
+               progress=None) -> dict:
+    """Train and evaluate one method; its record for ``results.json``, with ``error`` (one line) if it failed."""
+    record = {"name": method.name, "solver": run_args.solver, "overrides": method.overrides,
+              "steps": run_args.max_steps}
+    try:
+        record.update(train_and_evaluate(run_args, model_args, train, test, eval_max_new_tokens=eval_tokens,
+                                         description=f"Evaluating {method.name}", callbacks=progress,
+                                         constraint_dataset=constraint_prompts))
+    except Exception as err:  # noqa: BLE001 - a failed method is reported in the table, the others still run
+        record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        traceback.print_exc(file=sys.stderr)  # the console, or the method's output.log when it runs in a worker
+    return record
+
+
+def _plan_processes(num_proc: int | None, plans) -> tuple[int, int]:
+    """``(processes, threads)``: by default one method at a time on a GPU; otherwise
+    :func:`l3m.experiments.parallel.plan_processes` with the memory of the largest model's run."""
+    import torch
+
+    from l3m.experiments.parallel import plan_processes
+
+    on_gpu = any(not args.use_cpu and torch.cuda.is_available() for _, args, _ in plans)
+    if num_proc is None and on_gpu:
+        return 1, torch.get_num_threads()
+    gigabytes = max(run_memory_gb(model_args) for _, _, model_args in plans)
+    return plan_processes(num_proc, len(plans), gb_per_process=gigabytes)
+
+
+# Peak RSS of a demo run (SmolLM2-135M, float32, AdamW, 4 prompts x 4 samples; l3m.experiments.demo.RUN_MEMORY_GB)
+# per parameter: the default num_proc plans each method's memory at this many bytes per parameter of its model.
+RUN_BYTES_PER_PARAMETER = 5.0e9 / 134.5e6
+
+
+def run_memory_gb(model_args) -> float:
+    """A method's planned peak memory (GB): :data:`RUN_BYTES_PER_PARAMETER` times its model's parameters, counted
+    without loading the weights; the demo's 5 GB when the model's config cannot be read (the run will say why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from l3m.loading import resolve_model_name
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(model_args.model_name_or_path),
+                                            revision=model_args.model_revision,
+                                            trust_remote_code=model_args.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # a tied output layer is the embedding's weight, not a parameter of its own
+        parameters = sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - a bad model is reported by its run, in the table
+        return 5.0
+    return parameters * RUN_BYTES_PER_PARAMETER / 1e9
 
 
 def _results(argv: list[str], eval_tokens: int, records: list[dict]) -> dict:

@@ -137,10 +137,11 @@ def _relay(queue, bar) -> None:
             bar.update(item)
 
 
-def run_jobs(jobs: Sequence[Job], processes: int, threads: int) -> list:
+def run_jobs(jobs: Sequence[Job], processes: int, threads: int,
+             on_result: Callable[[int, object], None] | None = None) -> list:
     """Run ``jobs`` in ``processes`` worker processes (``threads`` torch threads each), the most steps first;
-    returns their results in the order of ``jobs``. The first failure (or Ctrl-C) stops the other runs and is raised
-    here, with the failed run's log named."""
+    returns their results in the order of ``jobs``, and hands each to ``on_result(index, result)`` as it arrives.
+    The first failure (or Ctrl-C) stops the other runs and is raised here, with the failed run's log named."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -169,6 +170,8 @@ def run_jobs(jobs: Sequence[Job], processes: int, threads: int) -> list:
                     logger.error("run %r failed; its output: %s", job.name, job.log)
                     raise
                 bar.write(f"{job.name}: done (output: {job.log})")
+                if on_result is not None:
+                    on_result(futures[future], results[futures[future]])
     except BaseException:
         _stop(pool)
         raise
