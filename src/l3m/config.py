@@ -89,8 +89,8 @@ class SolverConfig:
     )
     infeasibility_patience: int = field(
         default=100,
-        metadata={"help": "Warn that a constraint may be infeasible when its smoothed value stays violated (its "
-                          "multiplier at the cap) for this many constraint steps in a row."},
+        metadata={"help": "Warn that a constraint may be infeasible when each step's own estimate of it stays "
+                          "violated for this many constraint steps in a row."},
     )
 
     def _check_solver_fields(self, solvers: tuple[str, ...]) -> None:
@@ -177,8 +177,8 @@ class L3MConfig(SolverConfig, TrainingArguments):
 
     max_consecutive_skipped_steps (`int`, defaults to `5`): optimizer steps in a row skipped for a non-finite loss,
         gradient or reward after which training stops (with a checkpoint of the last good weights).
-    infeasibility_patience (`int`, defaults to `100`): constraint steps in a row a constraint's smoothed value may stay
-        violated before it is reported as possibly infeasible.
+    infeasibility_patience (`int`, defaults to `100`): constraint steps in a row a constraint's per-step estimate may
+        stay violated before it is reported as possibly infeasible.
 
     > Data
 

@@ -71,8 +71,8 @@ class SolverTrainerMixin:
         return {}
 
     # The two private hooks below are overridden because transformers offers no public way to save a checkpoint
-    # atomically (docs/reliability.md). Trainer._save_checkpoint(model, trial) (transformers 5.24: trainer.py
-    # L3363-3430) writes straight into <_get_output_dir(trial)>/checkpoint-<global_step> (weights, optimizer, scheduler,
+    # atomically (docs/reliability.md). Trainer._save_checkpoint(model, trial) (transformers 5.25: trainer.py
+    # L3407-3474) writes straight into <_get_output_dir(trial)>/checkpoint-<global_step> (weights, optimizer, scheduler,
     # scaler and RNG states, then trainer_state.json) and then rotates the checkpoints of that folder. l3m points
     # _get_output_dir at a staging folder while the Trainer saves, and renames the finished folder into place.
     # tests/test_trainer_hooks.py pins what this relies on and fails, naming the change, when transformers changes it.
