@@ -89,8 +89,8 @@ def test_l3m_modules_import_each_other_without_cycles():
     ("l3m.constraints", ("l3m.cli", "l3m.experiments", "l3m.training", "l3m.alignment", "l3m.solvers")),
 ])
 def test_imports_go_one_way(layer, lower):
-    """command line -> experiments -> training | alignment -> solvers / rewards / sampling -> constraints, errors.
-    Training and alignment sit side by side: neither imports the other."""
+    """command line -> experiments -> training | alignment -> solvers | constraints -> rewards -> sampling, data ->
+    errors. Training and alignment sit side by side: neither imports the other."""
     for module, targets in import_graph().items():
         if module == layer or module.startswith(layer + "."):
             upward = sorted(t for t in targets for up in lower if t == up or t.startswith(up + "."))
