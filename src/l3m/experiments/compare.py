@@ -317,7 +317,8 @@ def describe_result(constraints, summary: dict) -> str:
 def compare_table(records: list[dict], constraints) -> str:
     """One row per method: per constraint the mean ± std reward, whether it is satisfied (as its kind defines it)
     and the share of held-out responses inside its range; task log-ppl mean ± std; training time; peak memory."""
-    columns = [("method", 28, "<"), ("solver", 6, "<"), ("steps", 5, ">")]
+    columns = [("method", max([28, *(len(r["name"]) for r in records)]), "<"),
+               ("solver", max([6, *(len(r["solver"]) for r in records)]), "<"), ("steps", 5, ">")]
     for c in constraints:
         columns += [(f"{c.name} mean ± std", 18, ">"), (f"{c.name} ok", max(len(c.name) + 3, 5), ">"),
                     (f"{c.name} in range", max(len(c.name) + 9, 9), ">")]
