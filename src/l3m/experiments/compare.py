@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from l3m.errors import L3MConfigError
+from l3m.experiments.demo import RUN_MEMORY_GB
 from l3m.experiments.runner import format_table, mean_pm, slug, train_and_evaluate
 
 METHOD_KEYS = {"name", "sweep", "match_objective_steps"}
@@ -264,33 +265,34 @@ def _plan_processes(num_proc: int | None, plans) -> tuple[int, int]:
     on_gpu = any(not args.use_cpu and torch.cuda.is_available() for _, args, _ in plans)
     if num_proc is None and on_gpu:
         return 1, torch.get_num_threads()
-    gigabytes = max(run_memory_gb(model_args) for _, _, model_args in plans)
+    models = {(m.model_name_or_path, m.model_revision, m.trust_remote_code) for _, _, m in plans}
+    gigabytes = max(run_memory_gb(*model) for model in models)
     return plan_processes(num_proc, len(plans), gb_per_process=gigabytes)
 
 
-# Peak RSS of a demo run (SmolLM2-135M, float32, AdamW, 4 prompts x 4 samples; l3m.experiments.demo.RUN_MEMORY_GB)
-# per parameter: the default num_proc plans each method's memory at this many bytes per parameter of its model.
-RUN_BYTES_PER_PARAMETER = 5.0e9 / 134.5e6
+DEMO_MODEL_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct, its output layer tied to the embedding
+# the peak RSS planned for a demo run, per parameter: the default num_proc plans a method's memory at this many bytes
+# per parameter of its model
+RUN_BYTES_PER_PARAMETER = RUN_MEMORY_GB * 1e9 / DEMO_MODEL_PARAMETERS
 
 
-def run_memory_gb(model_args) -> float:
+def run_memory_gb(model_name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> float:
     """A method's planned peak memory (GB): :data:`RUN_BYTES_PER_PARAMETER` times its model's parameters, counted
-    without loading the weights; the demo's 5 GB when the model's config cannot be read (the run will say why)."""
+    without loading the weights; the demo's when the model's config cannot be read (the run will say why)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from l3m.loading import resolve_model_name
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(model_args.model_name_or_path),
-                                            revision=model_args.model_revision,
-                                            trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(resolve_model_name(model_name_or_path), revision=revision,
+                                            trust_remote_code=trust_remote_code)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         model.tie_weights()  # a tied output layer is the embedding's weight, not a parameter of its own
         parameters = sum(p.numel() for p in model.parameters())
     except Exception:  # noqa: BLE001 - a bad model is reported by its run, in the table
-        return 5.0
+        return RUN_MEMORY_GB
     return parameters * RUN_BYTES_PER_PARAMETER / 1e9
 
 
