@@ -49,7 +49,7 @@ def test_compare_trains_every_method_and_reports_one_table(assets, tmp_path, cap
     assert [row[:28].strip() for row in rows] == NAMES
     assert all("FAILED" not in row for row in rows)
     for name in NAMES:  # progress is printed as each method runs
-        assert f"] {name}: solver" in out and f"] {name}: trained in" in out
+        assert f"] {name}: training" in out and f"] {name}: trained in" in out
 
     with open(tmp_path / "compare" / "results.json", encoding="utf-8") as f:
         results = json.load(f)

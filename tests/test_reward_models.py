@@ -396,7 +396,7 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeyp
     out = tmp_path / "hh"
     assert main(["reward", "experiment", "--quick", "--model_name_or_path", model_dir, "--dataset_name", str(data),
                  "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
-                 "--max_completion_length", "6", "--learning_rate", "1e-3"]) == 0
+                 "--max_completion_length", "6", "--learning_rate", "1e-3", "--num_proc", "1"]) == 0
     judged, target = [(None, None)] * 2, [(0.975, 8)] * 2  # --quick evaluates on 8 held-out prompts
     assert calls == [([], judged), ([], judged), (target, judged), (target, judged)]
     results = json.load(open(out / "results.json"))
@@ -412,6 +412,37 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeyp
         assert (run["satisfied"] is None) == (run["constraint"] is None)
     assert (out / "fig3_rewards.png").stat().st_size > 10_000
     assert "task log-ppl mean ± std" in capsys.readouterr().out
+
+
+def test_the_fig3_experiment_side_by_side_matches_one_after_another(tmp_path, capsys):
+    """num_proc 2: the initial model and SFT side by side, then the constrained runs; the same records, to the bit, as
+    one run after another at the same thread count (one), in the same order."""
+    from l3m.cli import main
+
+    model_dir = _save_causal_lm(tmp_path / "policy")
+    helpful, harmless = _save_causal_lm(tmp_path / "rm_helpful", seed=1), _save_causal_lm(tmp_path / "rm_harmless",
+                                                                                              seed=2)
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(64, 2, 5, seed=0)))
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for num_proc in (2, 1):
+            out = tmp_path / f"hh{num_proc}"
+            assert main(["reward", "experiment", "--quick", "--model_name_or_path", model_dir, "--dataset_name",
+                         str(data), "--helpful_rm", helpful, "--harmless_rm", harmless, "--output_dir", str(out),
+                         "--max_completion_length", "6", "--learning_rate", "1e-3", "--num_proc", str(num_proc)]) == 0
+            assert ("2 models, 2 at a time" in capsys.readouterr().out) == (num_proc == 2)
+            with open(out / "results.json", encoding="utf-8") as f:
+                results = json.load(f)
+            assert results["complete"]
+            runs[num_proc] = [{k: v for k, v in r.items() if k != "train_seconds"} for r in results["runs"]]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["label"].split(" ")[0] for r in runs[2]] == ["initial", "SFT", "L3M", "MM"]
+    assert (tmp_path / "hh2" / "sft" / "output.log").is_file()
+    assert runs[2] == runs[1]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -24,7 +24,6 @@ every method is evaluated on the test split either way.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import os
 import sys
@@ -186,7 +185,7 @@ def run_comparison(argv: list[str]) -> dict:
     method) and one figure per constraint into the shared ``output_dir``. Returns the results."""
     from tqdm.auto import tqdm
 
-    from l3m.experiments.parallel import Job, run_jobs
+    from l3m.experiments.parallel import Job, run_all
     from l3m.files import write_json
     from l3m.loading import load_constraint_prompts, load_splits
 
@@ -219,17 +218,7 @@ def run_comparison(argv: list[str]) -> dict:
                    f"task log-ppl {record['summary']['log_ppl_mean']:.3f}")
         tqdm.write(f"[{index + 1}/{len(jobs)}] {record['name']}: {outcome}")
 
-    if processes == 1:
-        for index, job in enumerate(jobs):
-            print(f"\n[{index + 1}/{len(jobs)}] {job.name}: solver {job.args[1].solver}, training {job.steps} steps",
-                  flush=True)
-            done(index, run_method(*job.args))
-            gc.collect()  # free the method's model before the next one loads (and its peak memory is measured)
-    else:
-        print(f"\n{len(jobs)} methods, {processes} at a time with {threads} thread{'s' * (threads > 1)} each "
-              f"(num_proc); each method's output goes to {os.path.join(output_dir, '<method>', 'output.log')}",
-              flush=True)
-        run_jobs(jobs, processes, threads, on_result=done)
+    run_all(jobs, processes, threads, noun="method", on_result=done)
 
     figures = plot_comparison(records, constraints, output_dir)
     print("\n" + compare_table(records, constraints))

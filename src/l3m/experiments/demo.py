@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from l3m.constraints import Constraint
 from l3m.errors import L3MConfigError
 from l3m.experiments.plots import LengthResult, plot_length_figure
-from l3m.experiments.runner import RunSettings, TargetSettings, format_table, mean_pm, train_and_evaluate
+from l3m.experiments.runner import (ParallelSettings, RunSettings, TargetSettings, format_table, mean_pm,
+                                   train_and_evaluate)
 from l3m.files import write_json
 
 
@@ -54,7 +55,7 @@ DEMO_RUNS = (
 
 
 @dataclass
-class DemoSettings(TargetSettings, RunSettings):
+class DemoSettings(ParallelSettings, TargetSettings, RunSettings):
     """The demo's budget. Chatterbot answers are short (median 11 tokens), so SFT answers short; the ranges sit
     on either side of that."""
 
@@ -77,11 +78,6 @@ class DemoSettings(TargetSettings, RunSettings):
     delta: float | None = field(default=None, metadata={
         "help": "With --kind uniform: the allowed mean distance outside each bound, in tokens (default 0: every "
                 "sampled response inside)."})
-    num_proc: int | None = field(default=None, metadata={
-        "help": "Runs trained at once, each in its own process with the cores shared out; default one per core (at "
-                "most one per run, and no more than the available memory holds at 5 GB each). 1: one run after "
-                "another, in this process, with every core. A run's numbers depend on its thread count "
-                "(docs/demo.md)."})
     shift_categories: list[str] = field(default_factory=list, metadata={
         "help": "A shift test: chatterbot categories (e.g. trivia literature science history) kept out of training "
                 "and of the test split; every model is also evaluated on up to test_size of their conversations."})
@@ -95,8 +91,7 @@ class DemoSettings(TargetSettings, RunSettings):
             self.max_completion_length = self.eval_max_new_tokens
         if self.shift_prompts and not self.shift_categories:
             raise L3MConfigError("shift_prompts: needs shift_categories (the categories whose prompts to sample)")
-        if self.num_proc is not None and self.num_proc < 1:
-            raise L3MConfigError(f"num_proc: expected at least 1 (1 runs one run after another), got {self.num_proc}")
+        self.check_num_proc()
         for run in DEMO_RUNS:  # a bad constraint option fails here, not after the first runs have trained
             run.constraints(**self.constraint_options())
 
@@ -131,7 +126,7 @@ def shift_splits(splits: dict, categories: list[str], size: int, seed: int) -> t
 def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> list[dict]:
     """Train and evaluate every run; returns one result record per run and writes them as JSON."""
     from l3m.config import ScriptArguments
-    from l3m.experiments.parallel import Job, plan_processes, run_jobs
+    from l3m.experiments.parallel import Job, plan_processes, run_all
     from l3m.loading import load_splits
     from l3m.training.coin import objective_steps_of
 
@@ -156,17 +151,7 @@ def run_demo(settings: DemoSettings, runs: tuple[DemoRun, ...] = DEMO_RUNS) -> l
             steps = objective_steps_of(settings.training_args(run.name, settings.max_steps))
         jobs.append(Job(run.name, train_run, (settings, run, steps, splits, shift, prompts), steps,
                         os.path.join(settings.run_dir(run.name), "output.log")))
-    processes, threads = plan_processes(settings.num_proc, len(jobs), gb_per_process=RUN_MEMORY_GB)
-    if processes == 1:
-        records = []
-        for index, job in enumerate(jobs, start=1):
-            print(f"\n[{index}/{len(jobs)}] {job.name}: training {job.steps} steps", flush=True)
-            records.append(train_run(*job.args))
-    else:
-        print(f"\n{len(jobs)} runs, {processes} at a time with {threads} thread{'s' * (threads > 1)} each "
-              f"(num_proc); each run's output goes to {os.path.join(settings.output_dir, '<run>', 'output.log')}",
-              flush=True)
-        records = run_jobs(jobs, processes, threads)
+    records = run_all(jobs, *plan_processes(settings.num_proc, len(jobs), gb_per_process=RUN_MEMORY_GB))
 
     results_path = write_json(os.path.join(settings.output_dir, "results.json"),
                               {"settings": asdict(settings), "runs": records})

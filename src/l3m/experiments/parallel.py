@@ -13,6 +13,7 @@ ends) ends the workers too.
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import multiprocessing
@@ -180,6 +181,26 @@ def run_jobs(jobs: Sequence[Job], processes: int, threads: int,
         queue.put(None)
         relay.join()
         bar.close()
+    return results
+
+
+def run_all(jobs: Sequence[Job], processes: int, threads: int, noun: str = "run",
+            on_result: Callable[[int, object], None] | None = None) -> list:
+    """Every job's result, in the order of ``jobs``: one after another in this process when ``processes`` is 1 (with
+    every core; a line as each starts), else side by side in worker processes (:func:`run_jobs`; one line saying so,
+    and where each ``noun``'s output goes). ``on_result(index, result)`` sees each result as it arrives."""
+    if processes > 1:
+        logs = os.path.join(os.path.dirname(os.path.dirname(jobs[0].log)), f"<{noun}>", "output.log")
+        print(f"\n{len(jobs)} {noun}s, {processes} at a time with {threads} thread{'s' * (threads > 1)} each "
+              f"(num_proc); each {noun}'s output goes to {logs}", flush=True)
+        return run_jobs(jobs, processes, threads, on_result)
+    results = []
+    for index, job in enumerate(jobs):
+        print(f"\n[{index + 1}/{len(jobs)}] {job.name}: training {job.steps} steps", flush=True)
+        results.append(job.function(*job.args))
+        gc.collect()  # free the run's model before the next one loads (and its peak memory is measured)
+        if on_result is not None:
+            on_result(index, results[-1])
     return results
 
 

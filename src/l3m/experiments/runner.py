@@ -77,6 +77,20 @@ class RunSettings:
 
 
 @dataclass
+class ParallelSettings:
+    """How many of an experiment's independent runs train at once (:mod:`l3m.experiments.parallel`)."""
+
+    num_proc: int | None = field(default=None, metadata={
+        "help": "Runs trained at once, each in its own process with the cores shared out; default one per core (at "
+                "most one per run, and no more than the available memory holds). 1: one run after another, in this "
+                "process, with every core. A run's numbers depend on its thread count (docs/demo.md)."})
+
+    def check_num_proc(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise L3MConfigError(f"num_proc: expected at least 1 (1 runs one run after another), got {self.num_proc}")
+
+
+@dataclass
 class TargetSettings:
     """The satisfaction target an experiment's constrained runs train with (``Constraint(confidence=...,
     heldout_size=...)``, docs/solver.md); evaluation judges the bounds themselves. Mixed into a :class:`RunSettings`
