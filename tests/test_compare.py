@@ -101,9 +101,12 @@ def test_constrained_methods_sample_the_constraint_dataset(assets, tmp_path, mon
 
 
 def test_methods_side_by_side_match_one_after_another_at_the_same_thread_count(assets, tmp_path, capsys):
-    """num_proc 2: two methods at a time in worker processes, one thread each. The same methods one after another
-    with one thread give the same table, to the bit; a failing method is reported and the others finish."""
+    """num_proc 2: two methods at a time in worker processes (on two cores one thread each). The same methods one
+    after another with as many threads give the same table, to the bit; a failing method is reported and the others
+    finish."""
     import torch
+
+    from l3m.experiments.parallel import plan_processes
 
     methods = [{"name": "SFT", "solver": "sft", "match_objective_steps": True}, {"name": "L3M", "solver": "l3m"},
                {"name": "broken", "solver": "l3m", "model_name_or_path": str(tmp_path / "no-such-model")}]
@@ -112,7 +115,7 @@ def test_methods_side_by_side_match_one_after_another_at_the_same_thread_count(a
         config = _compare_yaml(assets, tmp_path / f"compare{num_proc}.yaml", methods=methods, num_proc=num_proc,
                                output_dir=str(tmp_path / f"compare{num_proc}"))
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(plan_processes(2, len(methods))[1])  # the workers' thread count
         try:
             assert main(["compare", "--config", config]) == 0
         finally:

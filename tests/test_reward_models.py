@@ -416,8 +416,9 @@ def test_the_fig3_experiment_runs_quick_on_tiny_models(tmp_path, capsys, monkeyp
 
 def test_the_fig3_experiment_side_by_side_matches_one_after_another(tmp_path, capsys):
     """num_proc 2: the initial model and SFT side by side, then the constrained runs; the same records, to the bit, as
-    one run after another at the same thread count (one), in the same order."""
+    one run after another at the workers' thread count, in the same order."""
     from l3m.cli import main
+    from l3m.experiments.parallel import plan_processes
 
     model_dir = _save_causal_lm(tmp_path / "policy")
     helpful, harmless = _save_causal_lm(tmp_path / "rm_helpful", seed=1), _save_causal_lm(tmp_path / "rm_harmless",
@@ -426,7 +427,7 @@ def test_the_fig3_experiment_side_by_side_matches_one_after_another(tmp_path, ca
     data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(64, 2, 5, seed=0)))
     runs = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(plan_processes(2, 2)[1])  # the workers' thread count (both phases run two models)
     try:
         for num_proc in (2, 1):
             out = tmp_path / f"hh{num_proc}"
