@@ -86,6 +86,7 @@ class ParallelSettings:
                 "process, with every core. A run's numbers depend on its thread count (docs/demo.md)."})
 
     def check_num_proc(self) -> None:
+        """Stop, naming the field, on a ``num_proc`` below 1 (before anything is trained)."""
         if self.num_proc is not None and self.num_proc < 1:
             raise L3MConfigError(f"num_proc: expected at least 1 (1 runs one run after another), got {self.num_proc}")
 
