@@ -87,7 +87,8 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
     from l3m.training.coin import objective_steps_of
 
     started = time.time()
-    _reward_models(settings)  # a bad reward model stops the command here, before anything is trained
+    # checked here, before anything is trained; the weights load when a run first scores (in a worker, its copy)
+    rewards = _reward_models(settings)
     splits = load_splits(ScriptArguments(dataset_name=settings.dataset_name, test_size=settings.test_size,
                                          validation_size=settings.test_size), settings.seed)
     objective_steps = objective_steps_of(settings.training_args("SFT", settings.max_steps))
@@ -99,7 +100,7 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
 
     def run_phase(runs: list[tuple]) -> None:
         """``runs``: ``(label, method, solver, steps, point)``; their records join ``records`` in this order."""
-        jobs = [Job(run[0], train_model, (settings, *run, splits), run[3],
+        jobs = [Job(run[0], train_model, (settings, *run, splits, rewards), run[3],
                     os.path.join(settings.run_dir(run[0]), "output.log")) for run in runs]
         phase: list[dict | None] = [None] * len(jobs)
 
@@ -133,12 +134,11 @@ def run_experiment(settings: ExperimentSettings) -> list[dict]:
 
 
 def train_model(settings: ExperimentSettings, label: str, method: str, solver: str, steps: int, point, splits,
-                progress=None) -> dict:
+                rewards: dict, progress=None) -> dict:
     """Train one model of the experiment for ``steps`` steps (``point``: its constraint point, None for the
-    unconstrained ones) and evaluate it under both rewards; its record."""
+    unconstrained ones) and evaluate it under both ``rewards`` (:func:`_reward_models`, shared by the runs of one
+    process, so their weights load once there); its record."""
     from l3m.config import ModelConfig
-
-    rewards = _reward_models(settings)
 
     def constraints(target: dict):
         # unconstrained models are still scored by both rewards (a bound every reward satisfies)
