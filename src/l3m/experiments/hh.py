@@ -34,7 +34,8 @@ class ExperimentSettings(ParallelSettings, TargetSettings, RunSettings):
 
     output_dir: str = field(default="outputs/hh", metadata={"help": "Where results.json, the table's runs and "
                                                                     "fig3_rewards.png go."})
-    max_completion_length: int = field(default=32, metadata={"help": "Token cap of sampled responses in training."})
+    # training samples as long as the evaluated ones: a lower cap hides the tail the evaluation judges (docs/demo.md)
+    max_completion_length: int = field(default=48, metadata={"help": "Token cap of sampled responses in training."})
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Token cap of sampled responses in evaluation."})
     helpful_rm: str = field(default="outputs/rm_helpful", metadata={"help": "The 'helpful' reward model (a folder "
                                                                            "saved by `l3m reward train`)."})
@@ -72,7 +73,8 @@ class ExperimentSettings(ParallelSettings, TargetSettings, RunSettings):
         self.target_options()  # a bad target stops here, before anything is trained
         self.check_num_proc()
         if self.quick:
-            self.max_steps, self.test_size, self.eval_max_new_tokens = 4, 8, 8
+            self.max_steps, self.test_size = 4, 8
+            self.max_completion_length = self.eval_max_new_tokens = 8
             self.helpful_offsets, self.harmless_offsets = self.helpful_offsets[:1], self.harmless_offsets[:1]
 
 
