@@ -53,12 +53,6 @@ class ExperimentSettings(ParallelSettings, TargetSettings, RunSettings):
     dual_lr: float = field(default=1.0, metadata={
         "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
-    # the documented table (docs/reward_models.md) was measured one run after another with two threads; side by side
-    # is not yet measured on it, so it is asked for, not the default
-    num_proc: int | None = field(default=1, metadata={
-        "help": "Runs trained at once, each in its own process with the cores shared out: the initial model and SFT, "
-                "then the constrained runs. 1 (default): one after another with every core. 'none': one per core, as "
-                "the available memory allows. A run's numbers depend on its thread count (docs/demo.md)."})
 
     def __post_init__(self):
         # bad settings stop the command before anything is trained
