@@ -52,7 +52,7 @@ class ExperimentSettings(ParallelSettings, TargetSettings, RunSettings):
         "help": "Constrained solvers run at every point."})
     dual_lr: float = field(default=1.0, metadata={
         "help": "MM's multiplier step size; rewards are mean log-likelihoods, so violations are small numbers."})
-    quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts."})
+    quick: bool = field(default=False, metadata={"help": "A smoke run: the first point, 4 steps, 8 prompts, 8 tokens."})
 
     def __post_init__(self):
         # bad settings stop the command before anything is trained
