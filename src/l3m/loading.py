@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 from l3m.errors import L3MConfigError
+from l3m.offline import hub_offline, prepare_hub_name
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -23,7 +24,7 @@ def resolve_model_name(name: str | None) -> str:
         from l3m.assets import demo_model_path
 
         return demo_model_path()
-    return name
+    return prepare_hub_name(name)
 
 
 def resolve_dataset_name(name: str | None) -> str:
@@ -42,7 +43,7 @@ def resolve_dataset_name(name: str | None) -> str:
             raise L3MConfigError(f"dataset_name: the stand-in has {', '.join('standin-' + p for p in PREFERENCES)}, "
                                  f"not {name!r}")
         return build_standin()[preference]
-    return name
+    return prepare_hub_name(name)
 
 
 def load_tokenizer(name: str, **kwargs):
@@ -85,7 +86,9 @@ def load_model_and_tokenizer(model_args, path: str | None = None, auto_class=Non
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
             name, dtype=dtype, attn_implementation=model_args.attn_implementation, **hub, **model_kwargs)
     except OSError as err:
-        raise L3MConfigError(f"model_name_or_path: cannot load {name!r} ({str(err).splitlines()[0]})") from err
+        detail = str(err).splitlines()[0].rstrip(".")
+        offline = "; the hub is offline: only local folders and cached models load" if hub_offline() else ""
+        raise L3MConfigError(f"model_name_or_path: cannot load {name!r} ({detail}{offline})") from err
     return model, tokenizer
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from l3m.errors import L3MConfigError
+from l3m.offline import prepare_hub_name
 
 REWARD_MODEL_TYPES = ("lm", "seqcls")
 REWARD_INFO_NAME = "l3m_reward.json"
@@ -107,6 +108,7 @@ class ModelReward:
                 validate_repo_id(path)
             except HFValidationError:
                 raise L3MConfigError(f"{field}.path: no such folder {path!r}") from None
+            prepare_hub_name(path)
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
