@@ -73,3 +73,29 @@ def test_local_paths_and_proxies_are_not_probed_and_a_reachable_hub_stays_online
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection())
     assert offline.prepare_hub_name("someorg/somemodel") == "someorg/somemodel"
     assert online == ["closed"] and not constants.HF_HUB_OFFLINE and not offline.hub_offline()
+
+
+def test_a_model_in_the_hub_cache_loads_when_the_hub_is_unreachable(online, monkeypatch, tmp_path, assets):
+    """The point of offline mode over failing fast: a hub id whose files are in the Hugging Face cache still loads."""
+    import shutil
+
+    import torch
+    from huggingface_hub import constants
+
+    from l3m.config import ModelConfig
+    from l3m.loading import load_model_and_tokenizer
+
+    commit = "0" * 40  # the hub cache's layout: models--org--name/{refs/main, snapshots/<commit>/<files>}
+    repo = tmp_path / "hub" / "models--someorg--cached-model"
+    shutil.copytree(assets["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "create_connection", _unreachable(online))
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path="someorg/cached-model",
+                                                            dtype="float32"))
+    assert online and offline.hub_offline()
+    local, local_tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=str(assets["model"]),
+                                                                  dtype="float32"))
+    assert tokenizer.get_vocab() == local_tokenizer.get_vocab()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
