@@ -36,6 +36,7 @@ def _unreachable(connections):
 def test_an_unreachable_hub_turns_offline_mode_on_and_a_hub_model_fails_at_once(online, monkeypatch, caplog):
     import datasets
     from huggingface_hub import constants
+
     from l3m.config import ModelConfig
     from l3m.errors import L3MConfigError
     from l3m.loading import load_model_and_tokenizer

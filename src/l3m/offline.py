@@ -47,8 +47,10 @@ def go_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
     """
     from huggingface_hub import constants
 
-    if constants.is_offline_mode() or any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return constants.is_offline_mode()
+    if hub_offline():
+        return True
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
     endpoint = urlparse(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
